@@ -1,0 +1,43 @@
+# Every target builds .venv from the project's own files first, so each works on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= ../shared/datasets/dogs-vs-cats
+
+.PHONY: install demo test test-fast model bench chromium clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: check the data, evaluate the shipped model, write a submission, solve challenges, plot.
+demo: $(STAMP)
+	$(BIN)/asirra demo --data $(DATA) --out runs/demo
+
+# Everything CI runs: unit tests and the slower end-to-end tests (browser included).
+test: $(STAMP) chromium
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+# Retrain the default model shipped in src/asirra/weights/ (recorded command; see its model card).
+model: $(STAMP)
+	$(BIN)/asirra train --model effnet-lite0 --strategy linear --data $(DATA)/train --out runs/default-model --seed 0
+	$(BIN)/asirra export --model runs/default-model --package
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py --data $(DATA)/train
+	$(BIN)/python benchmarks/bench_inference.py --data $(DATA)
+
+# Debian's Chromium for the browser test; skipped quietly where we are not root (the test then says why it skips).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed (needs root): browser tests will skip"; }
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,19 @@
+"""asirra: train cat-vs-dog CNNs and use them to measure, attack and defend Asirra-style CAPTCHAs."""
+
+__version__ = "0.1.0"
+
+CAT, DOG = 0, 1
+CLASS_NAMES = ("cat", "dog")
+
+
+def solve(images, model=None, backend: str = "onnx"):
+    """Which of the given challenge images are cats: a list of bools, one per image.
+
+    `images` are paths, bytes or PIL images. An unreadable image raises UnusableImage naming it.
+    """
+    from asirra.predict import load_classifier
+
+    return load_classifier(model, backend=backend).solve(images)
+
+
+__all__ = ["CAT", "DOG", "CLASS_NAMES", "solve", "__version__"]
