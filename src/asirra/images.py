@@ -25,6 +25,16 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # Images smaller than this on either side carry no usable signal (tracking pixels, placeholders).
 MIN_SIDE = 8
+# No file larger than an uncompressed 24-bit image at the pixel limit can be one we would accept,
+# so it is refused before it is read into memory.
+MAX_FILE_BYTES = 3 * MAX_PIXELS
+
+# Pillow reports odd-but-handled metadata (corrupt EXIF, palette transparency) as one UserWarning
+# per file, which would bury a long run's progress bar; and bombs are refused by our own size check
+# below. Process-wide filters, because warnings.catch_warnings() is not thread-safe and images are
+# decoded in worker threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
@@ -46,29 +56,34 @@ def _describe(source: ImageSource) -> str:
     return f"<{len(source)} bytes>"
 
 
+def read_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes, or UnusableImage saying in a few words why they cannot be read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UnusableImage(f"file too large ({size:,} bytes)")
+        return path.read_bytes()
+    except PermissionError:
+        raise UnusableImage("permission denied") from None
+    except IsADirectoryError:
+        raise UnusableImage("is a directory") from None
+    except FileNotFoundError:
+        raise UnusableImage("file not found") from None
+    except OSError as exc:
+        raise UnusableImage(f"cannot read file ({exc.strerror or exc})") from None
+
+
 def _open(source: ImageSource) -> Image.Image:
+    """Identify the format and read the header only: no pixel buffer exists yet."""
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except PermissionError:
-            raise UnusableImage("permission denied") from None
-        except IsADirectoryError:
-            raise UnusableImage("is a directory") from None
-        except FileNotFoundError:
-            raise UnusableImage("file not found") from None
-        except OSError as exc:
-            raise UnusableImage(f"cannot read file ({exc.strerror or exc})") from None
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else read_file(source)
     if not data:
         raise UnusableImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
         raise UnusableImage(f"decompression bomb refused (over {MAX_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
         head = data[:64].lstrip().lower()
@@ -94,24 +109,30 @@ def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Imag
         if draft_size and image.format == "JPEG":
             # EXIF rotation swaps sides, and draft keeps both >= the request, so a square request is safe.
             image.draft("RGB", (draft_size, draft_size))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/palette metadata it then handles
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+        image.load()
+        image = _to_rgb(_upright(image))
     except UnusableImage as exc:
-        exc.name = exc.name or name
         raise UnusableImage(exc.reason, name) from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        text = str(exc).lower()
-        if "truncated" in text or "premature end" in text or isinstance(exc, EOFError):
-            reason = "truncated image data"
-        elif "decompression bomb" in text:
-            reason = f"decompression bomb refused (over {MAX_PIXELS:,} pixels)"
-        else:
-            reason = f"corrupt image ({type(exc).__name__}: {exc})"
-        raise UnusableImage(reason, name) from None
+    except Exception as exc:  # Pillow raises many types on malformed data (OSError, struct.error, IndexError...)
+        raise UnusableImage(_failure_reason(exc), name) from None
     return image
+
+
+def _failure_reason(exc: Exception) -> str:
+    text = str(exc).lower()
+    if "truncated" in text or "premature end" in text or isinstance(exc, EOFError):
+        return "truncated image data"
+    if "decompression bomb" in text:
+        return f"decompression bomb refused (over {MAX_PIXELS:,} pixels)"
+    return f"corrupt image ({type(exc).__name__}: {exc})"
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a photo whose EXIF block is broken is still a usable photo."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF raises anything from KeyError to struct.error
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,1 @@
+"""Asirra-style CAPTCHAs: challenges, safeguard policies, simulated and served attacks."""

@@ -1,0 +1,306 @@
+"""How good a cat/dog classifier is, from its predictions: metrics, CAPTCHA solve rate, calibration.
+
+Everything here works on two arrays, `y_true` (asirra.CAT == 0, asirra.DOG == 1) and `p_dog`
+(the predicted probability of DOG), so it is independent of how the predictions were made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from asirra import CAT, CLASS_NAMES, DOG, plots
+
+# Log loss clips probabilities to [EPS, 1 - EPS]. A float32 sigmoid rounds to exactly 0 or 1 for
+# |logit| > ~17, and one such confidently wrong image would make the log loss infinite and the
+# average meaningless. EPS = 1e-6 caps any single image's penalty at -ln(1e-6) ~ 13.8 nats, which
+# still punishes overconfidence hard; Kaggle's 1e-15 is below float32 resolution near 1.
+EPS = 1e-6
+
+# Temperature scaling searches T in this range: a separable validation set drives the NLL-optimal
+# T towards 0 (infinitely sharp), and a useless model drives it towards infinity.
+T_MIN, T_MAX = 0.05, 20.0
+
+CHALLENGE_SIZE = 12  # images per Asirra challenge
+
+
+class InvalidPredictions(ValueError):
+    """Labels or probabilities that cannot be evaluated (wrong shape, length, or values)."""
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def check_labels(y_true) -> np.ndarray:
+    """Validate and convert labels to a non-empty int array of CAT (0) / DOG (1)."""
+    y = _as_1d(y_true, "y_true")
+    if len(y) == 0:
+        raise InvalidPredictions("no predictions to evaluate (empty arrays)")
+    unknown = ~np.isin(y, (CAT, DOG))
+    if unknown.any():
+        found = np.unique(y[unknown])[:5].tolist()
+        raise InvalidPredictions(f"y_true must hold only {CAT} (cat) and {DOG} (dog); found {found}")
+    return y.astype(np.int64)
+
+
+def check_predictions(y_true, p_dog) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert: labels -> int array of 0/1, probabilities -> float64 array in [0, 1]."""
+    y = check_labels(y_true)
+    p = _as_1d(p_dog, "p_dog").astype(np.float64)
+    if len(y) != len(p):
+        raise InvalidPredictions(f"y_true has {len(y)} labels but p_dog has {len(p)} probabilities")
+    if not np.isfinite(p).all():
+        raise InvalidPredictions(f"p_dog has {int((~np.isfinite(p)).sum())} non-finite values (NaN or inf)")
+    if p.min() < 0 or p.max() > 1:
+        raise InvalidPredictions(f"p_dog must be probabilities in [0, 1]; found range [{p.min():g}, {p.max():g}]")
+    return y, p
+
+
+def _as_1d(values, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise InvalidPredictions(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise InvalidPredictions(f"{name} must be numeric, got dtype {array.dtype}")
+    return array
+
+
+def predicted_labels(p_dog: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """DOG where P(dog) >= threshold, else CAT (a tie at the threshold counts as dog)."""
+    return np.where(p_dog >= threshold, DOG, CAT)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def log_loss(y_true: np.ndarray, p_dog: np.ndarray) -> float:
+    """Mean binary cross-entropy in nats, probabilities clipped to [EPS, 1 - EPS] (see EPS)."""
+    p = np.clip(p_dog, EPS, 1 - EPS)
+    return float(-np.mean(y_true * np.log(p) + (1 - y_true) * np.log1p(-p)))
+
+
+def classification_metrics(y_true, p_dog, threshold: float = 0.5) -> dict:
+    """Accuracy, log loss, AUC, Brier score, confusion matrix and per-class accuracy.
+
+    `confusion` is [[cat->cat, cat->dog], [dog->cat, dog->dog]] (rows true, columns predicted).
+    `auc` is None, and a per-class accuracy is None, when that class is absent from y_true.
+    """
+    y, p = check_predictions(y_true, p_dog)
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidPredictions(f"threshold must be in [0, 1], got {threshold}")
+    predicted = predicted_labels(p, threshold)
+    cm = confusion_matrix(y, predicted, labels=[CAT, DOG])
+    per_class = {
+        name: (float(cm[label, label] / cm[label].sum()) if cm[label].sum() else None)
+        for label, name in ((CAT, CLASS_NAMES[CAT]), (DOG, CLASS_NAMES[DOG]))
+    }
+    return {
+        "n": int(len(y)),
+        "threshold": float(threshold),
+        "accuracy": float(np.mean(predicted == y)),
+        "log_loss": log_loss(y, p),
+        "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+        "brier": float(np.mean((p - y) ** 2)),
+        "confusion": cm.tolist(),
+        "per_class_accuracy": per_class,
+    }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% for z = 1.96).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or n
+    successes, which is exactly where solve rates of good and bad classifiers sit.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
+    rate = successes / n
+    denominator = 1 + z**2 / n
+    centre = (rate + z**2 / (2 * n)) / denominator
+    half_width = z * math.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def sample_subsets(rng: np.random.Generator, n: int, size: int, count: int) -> np.ndarray:
+    """`count` uniformly random `size`-subsets of range(n), as a (count, size) index array.
+
+    Floyd's algorithm, vectorised across rows: `size` steps of O(count * size) work, whatever n is,
+    so 10,000 challenges from a pool of 19,000 images need no (count, n) matrix.
+    """
+    chosen = np.empty((count, size), dtype=np.int64)
+    for step, j in enumerate(range(n - size, n)):
+        candidate = rng.integers(0, j + 1, size=count)
+        taken = (chosen[:, :step] == candidate[:, None]).any(axis=1)
+        chosen[:, step] = np.where(taken, j, candidate)
+    return chosen
+
+
+def challenge_solve_rate(
+    y_true, p_dog, n_challenges: int = 1000, size: int = CHALLENGE_SIZE, seed: int = 0, threshold: float = 0.5
+) -> dict:
+    """How often the classifier would pass random Asirra challenges drawn from the evaluated images.
+
+    A challenge is `size` distinct images; it is solved iff the predicted cat set equals the true
+    cat set, i.e. every image in it is classified correctly. Returns the empirical rate with its
+    Wilson 95% interval, the independent-images approximation accuracy**size (`p12`), and the exact
+    rate for draws from this finite pool (`exact_solve_rate`), which the simulation estimates.
+    """
+    y, p = check_predictions(y_true, p_dog)
+    if size < 1 or size > len(y):
+        raise InvalidPredictions(f"challenge size must be between 1 and the {len(y)} evaluated images, got {size}")
+    if n_challenges < 1:
+        raise InvalidPredictions(f"n_challenges must be at least 1, got {n_challenges}")
+    correct = predicted_labels(p, threshold) == y
+    indices = sample_subsets(np.random.default_rng(seed), len(y), size, n_challenges)
+    solved = int(correct[indices].all(axis=1).sum())
+    low, high = wilson_interval(solved, n_challenges)
+    n_correct = int(correct.sum())
+    return {
+        "challenge_solve_rate": solved / n_challenges,
+        "challenges": n_challenges,
+        "challenges_solved": solved,
+        "challenge_size": size,
+        "ci_low": low,
+        "ci_high": high,
+        "p12": float(correct.mean()) ** size,
+        "exact_solve_rate": math.comb(n_correct, size) / math.comb(len(y), size),
+    }
+
+
+def worst_mistakes(y_true, p_dog, k: int = 24, threshold: float = 0.5) -> np.ndarray:
+    """Indices of up to `k` misclassified images, most confidently wrong first."""
+    y, p = check_predictions(y_true, p_dog)
+    wrong = np.flatnonzero(predicted_labels(p, threshold) != y)
+    p_wrong_class = np.where(y[wrong] == CAT, p[wrong], 1 - p[wrong])
+    order = np.argsort(-p_wrong_class, kind="stable")  # stable: ties keep dataset order
+    return wrong[order[:k]]
+
+
+# ---- calibration ----------------------------------------------------------------------------
+
+
+def logit(p_dog, eps: float = EPS) -> np.ndarray:
+    """log(p / (1 - p)), clipped like the log loss. Prefer a model's raw logits when available:
+    clipping saturated probabilities caps the logits at +-13.8 and biases a fitted temperature."""
+    p = np.clip(np.asarray(p_dog, dtype=np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """P(dog) = sigmoid(logit / T)."""
+    return expit(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    # log(1 + e^s) - y*s == -[y log sigmoid(s) + (1-y) log(1 - sigmoid(s))], without overflow.
+    scaled = logits / temperature
+    return float(np.mean(np.logaddexp(0.0, scaled) - y * scaled))
+
+
+def fit_temperature(logits, y_true) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the NLL of sigmoid(logits / T).
+
+    Fit on held-out data, never on the training set (where the model is overconfident by design).
+    T > 1 softens an overconfident model, T < 1 sharpens an underconfident one. The search is over
+    log T within [T_MIN, T_MAX], so a separable set returns T_MIN rather than running off to 0.
+    """
+    y = check_labels(y_true)
+    z = _as_1d(logits, "logits").astype(np.float64)
+    if not np.isfinite(z).all():
+        raise InvalidPredictions(f"logits has {int((~np.isfinite(z)).sum())} non-finite values (NaN or inf)")
+    if len(y) != len(z):
+        raise InvalidPredictions(f"y_true has {len(y)} labels but logits has {len(z)} values")
+    result = minimize_scalar(
+        lambda log_t: _nll(z, y, math.exp(log_t)),
+        bounds=(math.log(T_MIN), math.log(T_MAX)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(math.exp(result.x))
+
+
+# ---- reports --------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationReport:
+    """Everything `asirra evaluate` reports. `info` holds context such as the model name and data."""
+
+    metrics: dict
+    challenge: dict
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """One flat, JSON-serialisable dict: info, then classification metrics, then challenge results."""
+        return {**self.info, **self.metrics, **self.challenge}
+
+
+def evaluate_predictions(
+    y_true, p_dog, threshold: float = 0.5, n_challenges: int = 10_000, seed: int = 0, info: dict | None = None
+) -> EvaluationReport:
+    """Classification metrics and the challenge solve rate of one set of predictions.
+
+    With fewer images than one challenge holds there is nothing to draw challenges from: the solve
+    rate is then None, while `p12` (accuracy**12) still estimates it.
+    """
+    metrics = classification_metrics(y_true, p_dog, threshold)
+    if metrics["n"] >= CHALLENGE_SIZE:
+        challenge = challenge_solve_rate(y_true, p_dog, n_challenges=n_challenges, seed=seed, threshold=threshold)
+    else:
+        challenge = {"challenge_solve_rate": None, "challenges": 0, "ci_low": None, "ci_high": None,
+                     "p12": metrics["accuracy"] ** CHALLENGE_SIZE}
+    return EvaluationReport(metrics=metrics, challenge=challenge, info=dict(info or {}))
+
+
+def write_json(obj: dict, out: Path) -> Path:
+    """Write `obj` as indented JSON, atomically."""
+    with plots.atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(out)
+
+
+def write_evaluation(
+    report: EvaluationReport,
+    y_true,
+    p_dog,
+    images_for_mistakes: Callable[[list[int]], list[np.ndarray]],
+    names: Sequence[str],
+    out_dir: Path,
+    k_mistakes: int = 24,
+    p_dog_calibrated=None,
+) -> dict[str, Path]:
+    """Write metrics.json, confusion.png, roc.png, reliability.png and mistakes.png into `out_dir`.
+
+    `images_for_mistakes(indices)` returns the pictures of those evaluated images (only the worst
+    mistakes are ever loaded); `names[i]` is image i's file name. `p_dog_calibrated`, if given, is
+    drawn as a second series on the reliability diagram.
+    """
+    y, p = check_predictions(y_true, p_dog)
+    if len(names) != len(y):
+        raise InvalidPredictions(f"{len(names)} names for {len(y)} predictions")
+    out_dir = Path(out_dir)
+    threshold = report.metrics.get("threshold", 0.5)
+    mistakes = worst_mistakes(y, p, k=k_mistakes, threshold=threshold).tolist()
+    return {
+        "metrics": write_json(report.to_json(), out_dir / "metrics.json"),
+        "confusion": plots.plot_confusion(np.array(report.metrics["confusion"]), out_dir / "confusion.png"),
+        "roc": plots.plot_roc(y, p, out_dir / "roc.png"),
+        "reliability": plots.plot_reliability(y, p, out_dir / "reliability.png", p_dog_after=p_dog_calibrated),
+        "mistakes": plots.plot_image_grid(
+            images_for_mistakes(mistakes),
+            [f"{names[i]}  P(dog)={p[i]:.2f}" for i in mistakes],
+            out_dir / "mistakes.png",
+            colors=["red"] * len(mistakes),
+            title=f"{len(mistakes)} most confident mistakes" if mistakes else "no mistakes",
+        ),
+    }

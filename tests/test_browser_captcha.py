@@ -1,0 +1,101 @@
+"""The page a person uses, driven in headless Chromium: clicking the cats passes, a wrong pick fails.
+
+Uses Debian's /usr/bin/chromium (`make chromium`), never a browser Playwright would download.
+The test reads each challenge's answer from the app in-process, as a person would read the photos.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from asirra.captcha.safeguards import make_safeguard
+from asirra.captcha.service import create_app, running
+from asirra.data import scan
+from captcha_service_support import GENEROUS, make_pool
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
+IMAGES_SHOWN = (
+    "() => { const imgs = [...document.querySelectorAll('#grid img')];"
+    " return imgs.length === 12 && imgs.every((img) => img.complete && img.naturalWidth > 0); }"
+)
+
+
+def _require_browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright, reason = None, "playwright is not installed (pip install -e '.[test]')"
+    else:
+        reason = None if CHROMIUM.exists() else f"no Chromium at {CHROMIUM} (run `make chromium` as root)"
+    if reason:
+        if os.environ.get("ASIRRA_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return sync_playwright
+
+
+@pytest.fixture
+def page():
+    sync_playwright = _require_browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 760, "height": 700})
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def pool(tmp_path):
+    # Real photos make the kept screenshot worth looking at; synthetic ones prove the same thing.
+    if SHARED_TRAIN.is_dir():
+        refs = scan(SHARED_TRAIN)
+        return [ref for ref in refs if ref.label == 0][:40] + [ref for ref in refs if ref.label == 1][:40]
+    return make_pool(tmp_path / "pool", cats=24, dogs=24)
+
+
+def _show_challenge(page, previous: str = "") -> str:
+    page.wait_for_function(
+        f"() => document.querySelector('#captcha').dataset.challenge !== {previous!r} && ({IMAGES_SHOWN})()"
+    )
+    return page.get_attribute("#captcha", "data-challenge")
+
+
+def _select(page, indices) -> None:
+    for index in sorted(indices):
+        page.click(f'.tile[data-index="{index}"]')
+    pressed = page.eval_on_selector_all('.tile[aria-pressed="true"]', "tiles => tiles.map(t => Number(t.dataset.index))")
+    assert sorted(pressed) == sorted(indices)
+
+
+def test_person_selecting_the_cats_passes_and_a_wrong_selection_fails(page, pool):
+    app = create_app(pool, make_safeguard("none"), GENEROUS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running(app) as url:
+        page.goto(url)
+        first = _show_challenge(page)
+        _select(page, app.state.store.peek(first).challenge.answer)
+        page.screenshot(path=str(ARTIFACTS / "captcha-page.png"))
+        page.click("#verify")
+        page.wait_for_selector('#captcha[data-result="pass"]')
+        assert "passed" in page.inner_text("#result")
+        page.screenshot(path=str(ARTIFACTS / "captcha-pass.png"))
+
+        page.click("#new")
+        second = _show_challenge(page, previous=first)
+        answer = app.state.store.peek(second).challenge.answer
+        _select(page, set(range(12)) - answer)  # every image wrong
+        page.click("#verify")
+        page.wait_for_selector('#captcha[data-result="fail"]')
+        page.screenshot(path=str(ARTIFACTS / "captcha-fail.png"))
+    assert len(app.state.store) == 0  # both challenges were used up
