@@ -20,7 +20,7 @@ from asirra.images import load_image
 
 with warnings.catch_warnings():
     # Starlette asks for the `httpx2` fork for its TestClient; plain httpx works and is what we ship.
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*httpx2.*")
     from fastapi.testclient import TestClient  # noqa: F401  (re-exported for the tests)
 
 # Limits high enough that only the test that means to hit one does.
@@ -28,14 +28,18 @@ GENEROUS = ServiceSettings(challenge_rate=1000, challenge_burst=1000, request_ra
                            request_burst=10_000, max_per_client=1000, seed=0)
 
 
-def make_pool(folder: Path, cats: int = 12, dogs: int = 12, seed: int = 0) -> list:
-    """Kaggle-named JPEGs in `folder` (cats reddish, dogs bluish, each a little different), scanned."""
+def make_pool(folder: Path, cats: int = 12, dogs: int = 12, seed: int = 0, disguised: int = 0) -> list:
+    """Kaggle-named JPEGs in `folder` (cats reddish, dogs bluish, each a little different), scanned.
+
+    The first `disguised` cats are drawn bluish: images the colour bot always gets wrong.
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for label, count in ((CAT, cats), (DOG, dogs)):
         for i in range(count):
             pixels = rng.integers(0, 90, size=(64, 80, 3))
-            pixels[..., 0 if label == CAT else 2] += 150
+            looks_like_cat = label == CAT and i >= disguised
+            pixels[..., 0 if looks_like_cat else 2] += 150
             name = f"{'cat' if label == CAT else 'dog'}.{i}.jpg"
             Image.fromarray(pixels.astype(np.uint8)).save(folder / name, quality=90)
     return scan(folder)
@@ -69,3 +73,15 @@ class ColourClassifier:
 
     def solve(self, sources) -> list[bool]:
         return [bool(p < 0.5) for p in self.predict_proba(sources)]
+
+
+class RandomGuesser:
+    """Picks cats at random: a load generator's bot, costing no CPU the server could need."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self._rng = np.random.default_rng(seed)
+
+    def solve(self, sources) -> list[bool]:
+        return [bool(flag) for flag in self._rng.random(len(sources)) < 0.5]

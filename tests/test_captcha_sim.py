@@ -13,7 +13,7 @@ from asirra.captcha.simulate import (
     accuracy_for_challenge_success,
     agent_mistakes,
     family,
-    judge,
+    judge_responses,
     model_mistakes,
     sample_pool,
     simulate_agent,
@@ -82,15 +82,15 @@ def test_token_bucket_holds_a_bot_well_below_its_raw_rate_while_humans_pass():
 
 def test_partial_credit_helps_a_bot_more_than_a_human():
     mistakes = agent_mistakes(0.9, 10_000, np.random.default_rng(3))
-    bare = judge(mistakes, NoSafeguard(), "bot", 0.9).solve_rate
-    lenient = judge(mistakes, PartialCredit(), "bot", 0.9)
+    bare = judge_responses(mistakes, NoSafeguard(), "bot", 0.9).solve_rate
+    lenient = judge_responses(mistakes, PartialCredit(), "bot", 0.9)
     assert lenient.solve_rate > bare + 0.05
     assert lenient.almost > 0
 
 
 def test_judge_keeps_one_client_state_across_challenges():
     # a 1-token bucket: after the failure, the right answer is refused, the one after passes
-    result = judge([1, 0, 0], TokenBucket(capacity=1), "bot", 0.9)
+    result = judge_responses([1, 0, 0], TokenBucket(capacity=1), "bot", 0.9)
     assert (result.attempted, result.solved) == (3, 1)
 
 

@@ -234,3 +234,20 @@ def test_no_data_anywhere_says_how_to_get_it(tmp_path, monkeypatch):
         data.resolve_data_root()
     with pytest.raises(DataNotFound, match="asirra download"):
         data.resolve_data_root(tmp_path / "missing")
+
+
+def test_each_thread_opens_an_archive_once_however_many_members_it_reads(tmp_path, monkeypatch):
+    folder = _build(tmp_path / "many", {f"dog.{i}.jpg": "image" for i in range(25)})
+    refs = data.scan(_zip(folder, tmp_path / "many.zip"))
+    opened = []
+
+    class CountingZipFile(zipfile.ZipFile):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(data.zipfile, "ZipFile", CountingZipFile)
+    for _ in range(2):
+        with ThreadPoolExecutor(1) as pool:  # a new thread each time round
+            list(pool.map(ImageRef.read_bytes, refs))
+    assert len(opened) == 2

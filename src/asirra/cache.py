@@ -69,29 +69,52 @@ class PixelCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS image (key TEXT PRIMARY KEY, row INTEGER, reason TEXT)")
 
     def build(self, refs: Sequence, workers: int = 2, progress: bool = True) -> CachedImages:
-        """Decode what is not cached yet; return the usable refs with their rows, and the unusable ones."""
-        keys = self._keys(refs, workers, progress)
-        known = self._lookup(set(k for k in keys if k))
-        missing = {}
-        for ref, key in zip(refs, keys):
-            if key and key not in known and key not in missing:
-                missing[key] = ref
-        if missing:
-            with self._lock():
-                self._decode(missing, workers, progress)
-            known = self._lookup(set(k for k in keys if k))
-        return self._assemble(refs, keys, known)
+        """One pass over the files: hash each, decode only what the store does not hold yet."""
+        with self._lock():
+            known = dict(self._db.execute("SELECT key, row FROM image"))
+            keys = self._hash_and_fill(refs, known, workers, progress)
+        return self._assemble(refs, keys, self._lookup(set(keys)))
 
-    def _keys(self, refs, workers, progress) -> list[str | None]:
-        def key_of(ref):
+    def _hash_and_fill(self, refs, known: dict, workers: int, progress: bool) -> list[str]:
+        def read(ref):
             try:
-                return content_key(ref.read_bytes())
-            except OSError:
-                return None
+                data = ref.read_bytes()
+            except UnusableImage as exc:
+                return None, None, exc.reason
+            except OSError as exc:
+                return None, None, f"cannot read file ({exc})"
+            key = content_key(data)
+            if key in known:
+                return key, None, None
+            try:
+                return key, read_pixels(data, self.size), None
+            except UnusableImage as exc:
+                return key, None, exc.reason
 
-        with ThreadPoolExecutor(workers) as pool:
-            it = pool.map(key_of, refs, chunksize=64)
-            return list(tqdm(it, total=len(refs), desc="hashing", unit="img", disable=not progress, leave=False))
+        next_row = self.store_path.stat().st_size // self.row_bytes if self.store_path.exists() else 0
+        keys: list[str] = []
+        pending: list[tuple] = []
+        bar = tqdm(total=len(refs), desc=f"caching pixels at {self.size}px", unit="img", disable=not progress)
+        with open(self.store_path, "ab") as store, ThreadPoolExecutor(workers) as pool:
+            # A torn tail (a build killed mid-write) is cut back to whole rows before appending.
+            store.truncate(next_row * self.row_bytes)
+            for start in range(0, len(refs), 256):  # bounded: at most 256 decoded images in flight
+                for key, pixels, reason in pool.map(read, refs[start : start + 256]):
+                    keys.append(key or reason)  # an unreadable file is "keyed" by its reason
+                    if key is None or key in known:
+                        continue
+                    if pixels is None:
+                        known[key] = None
+                        pending.append((key, None, reason))
+                    else:
+                        store.write(pixels.tobytes())
+                        known[key] = next_row
+                        pending.append((key, next_row, None))
+                        next_row += 1
+                self._commit(store, pending)
+                bar.update(min(256, len(refs) - start))
+        bar.close()
+        return keys
 
     def _lookup(self, keys: set[str]) -> dict[str, tuple[int | None, str | None]]:
         found = {}
@@ -103,36 +126,10 @@ class PixelCache:
                 found[key] = (row, reason)
         return found
 
-    def _decode(self, missing: dict, workers: int, progress: bool) -> None:
-        def decode(item):
-            key, ref = item
-            try:
-                return key, read_pixels(ref.read_bytes(), self.size), None
-            except UnusableImage as exc:
-                return key, None, exc.reason
-            except OSError as exc:
-                return key, None, f"cannot read ({exc})"
-
-        next_row = self.store_path.stat().st_size // self.row_bytes if self.store_path.exists() else 0
-        pending: list[tuple] = []
-        with open(self.store_path, "ab") as store, ThreadPoolExecutor(workers) as pool:
-            # A torn tail (a build killed mid-write) is cut back to whole rows before appending.
-            store.truncate(next_row * self.row_bytes)
-            results = pool.map(decode, missing.items())
-            bar = tqdm(results, total=len(missing), desc=f"decoding to {self.size}px", unit="img", disable=not progress)
-            for key, pixels, reason in bar:
-                if pixels is None:
-                    pending.append((key, None, reason))
-                else:
-                    store.write(pixels.tobytes())
-                    pending.append((key, next_row, None))
-                    next_row += 1
-                if len(pending) >= 512:
-                    self._commit(store, pending)
-            self._commit(store, pending)
-
     def _commit(self, store, pending: list) -> None:
         # Rows reach the disk before the index names them, so the index never points past the data.
+        if not pending:
+            return
         store.flush()
         os.fsync(store.fileno())
         self._db.executemany("INSERT OR REPLACE INTO image VALUES (?, ?, ?)", pending)
@@ -142,7 +139,7 @@ class PixelCache:
     def _assemble(self, refs, keys, known) -> CachedImages:
         usable, rows, usable_keys, unusable = [], [], [], []
         for ref, key in zip(refs, keys):
-            row, reason = known.get(key, (None, "cannot read file")) if key else (None, "cannot read file")
+            row, reason = known.get(key, (None, key))  # keys not in the index are read errors
             if row is None:
                 unusable.append({"path": ref.source, "reason": reason})
             else:

@@ -271,12 +271,11 @@ def export_command(
     except ValueError as exc:
         fail(str(exc))
     if package:
+        from asirra.export import package_model
         from asirra.predict import DEFAULT_MODEL_DIR
-        from asirra.models import save_model
 
-        save_model(net, config, DEFAULT_MODEL_DIR, half=True)
-        typer.echo(f"default model -> {DEFAULT_MODEL_DIR}")
-    if onnx and not package:
+        typer.echo(f"default model -> {package_model(folder or _default_model_dir(), DEFAULT_MODEL_DIR)}")
+    elif onnx:
         path = export_onnx(net, (folder or _default_model_dir()) / "model.onnx", config.image_size, output_name="logit")
         typer.echo(f"onnx -> {path}")
 
@@ -458,12 +457,13 @@ def captcha_attack(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Solve a running service's challenges over HTTP with the classifier, as a bot would."""
-    from asirra.captcha.attack import attack
+    from asirra.captcha.attack import attack, check_settings
     from asirra.predict import load_classifier
 
     if backend not in ("onnx", "torch"):
         fail(f"unknown backend {backend!r}; choose onnx or torch")
     try:
+        check_settings(url, challenges, concurrency)
         classifier = load_classifier(model, backend=backend)
         report = attack(url, challenges, classifier, concurrency=concurrency, timeout=timeout, progress=True)
     except ValueError as exc:

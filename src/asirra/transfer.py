@@ -70,6 +70,14 @@ class CachedActivationTask:
     def n_train(self) -> int:
         return len(self.train_idx)
 
+    def set_train_mode(self) -> None:
+        # Batch norm keeps its ImageNet statistics (the keras.io fine-tuning recipe): batch
+        # statistics of 64 cached activations drift from the running ones and wreck validation.
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.k < self.model.n_blocks:
             h = self.model.features_from(h, self.k)

@@ -20,6 +20,9 @@ from asirra.images import UnusableImage
 
 VERDICTS = ("pass", "almost", "fail")
 MAX_BACKOFF = 5.0  # seconds: honour Retry-After, but never stall a run on one long wait
+# Drop idle connections well before a server's keep-alive timeout (uvicorn's default is 5 s), so
+# a request is never sent on a connection the server is closing at that moment.
+LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 class AttackError(ValueError):
@@ -117,7 +120,7 @@ async def attack_async(url: str, n: int, classifier, concurrency: int = 1, timeo
             return await asyncio.to_thread(classifier.solve, images)
 
     async def worker() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, limits=LIMITS) as client:
             for _ in tickets:
                 report.attempted += 1
                 started = time.perf_counter()
@@ -143,16 +146,21 @@ async def attack_async(url: str, n: int, classifier, concurrency: int = 1, timeo
     return report
 
 
-def attack(url: str, n: int, classifier, concurrency: int = 1, timeout: float = 30.0,
-           progress: bool = False, transport: httpx.AsyncBaseTransport | None = None) -> AttackReport:
-    """Solve `n` challenges at `url` with `classifier` (anything with .solve(list of JPEG bytes)).
-
-    `transport` lets tests attack an app in-process (httpx.ASGITransport) instead of over a socket.
-    """
+def check_settings(url: str, n: int, concurrency: int) -> None:
+    """AttackError for settings that cannot work: checked before a model is loaded for nothing."""
     if not url.startswith(("http://", "https://")):
         raise AttackError(f"the URL must start with http:// or https://, got {url!r}")
     if n < 1:
         raise AttackError(f"the number of challenges must be at least 1, got {n}")
     if concurrency < 1:
         raise AttackError(f"concurrency must be at least 1, got {concurrency}")
+
+
+def attack(url: str, n: int, classifier, concurrency: int = 1, timeout: float = 30.0,
+           progress: bool = False, transport: httpx.AsyncBaseTransport | None = None) -> AttackReport:
+    """Solve `n` challenges at `url` with `classifier` (anything with .solve(list of JPEG bytes)).
+
+    `transport` lets tests attack an app in-process (httpx.ASGITransport) instead of over a socket.
+    """
+    check_settings(url, n, concurrency)
     return asyncio.run(attack_async(url, n, classifier, concurrency, timeout, progress, transport))

@@ -39,12 +39,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from asirra.captcha.challenge import CHALLENGE_SIZE, Challenge, count_mistakes, draw_challenge
 from asirra.captcha.clients import CookieSigner, RateLimiter, SafeguardStates
 from asirra.captcha.safeguards import Safeguard
-from asirra.images import UnusableImage, load_image
+from asirra.images import UnusableImage
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "asirra_client"
+# Idle keep-alive connections live longer than clients keep them (httpx: 5 s), so a client never
+# sends a request on a connection the server is closing at that moment.
+KEEP_ALIVE = 15
 MESSAGES = {
     "pass": "Correct: you passed.",
     "almost": "Almost: one slip. Solve another challenge to pass.",
@@ -240,8 +243,7 @@ class ImageServer:
             self._by_label.setdefault(ref.label, []).append(ref)
 
     def jpeg(self, ref) -> bytes:
-        candidates = [ref] + [self._rng.choice(self._by_label[ref.label]) for _ in range(self.ATTEMPTS)]
-        for candidate in candidates:
+        for candidate in self._candidates(ref):
             try:
                 image = candidate.load(draft_size=self._settings.image_side[1])
             except UnusableImage as exc:
@@ -249,6 +251,13 @@ class ImageServer:
                 continue
             return render_jpeg(image, self._rng, self._settings)
         raise ApiError(503, "image temporarily unavailable; request a new challenge")
+
+    def _candidates(self, ref) -> Iterator:
+        """`ref`, then (only if it fails) up to ATTEMPTS other images of its label."""
+        yield ref
+        same_label = self._by_label[ref.label]
+        picks = self._rng.sample(same_label, min(self.ATTEMPTS + 1, len(same_label)))
+        yield from [pick for pick in picks if pick is not ref][: self.ATTEMPTS]
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -379,11 +388,11 @@ def create_app(
 # ---- running it ----------------------------------------------------------------------------
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE)
 
 
 @contextmanager
@@ -391,9 +400,11 @@ def running(app: FastAPI, host: str = "127.0.0.1", timeout: float = 10.0) -> Ite
     """Serve `app` on a free port of `host` from a background thread; yields its base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle off only on sockets that say they are TCP, and
+    # with Nagle on, every keep-alive request waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

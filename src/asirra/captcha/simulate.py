@@ -131,7 +131,7 @@ def _check_count(n_challenges: int) -> None:
 # ---- judging ------------------------------------------------------------------------------------
 
 
-def judge(
+def judge_responses(
     mistakes: Iterable[int], safeguard: Safeguard, agent: str, per_image_accuracy: float, size: int = CHALLENGE_SIZE
 ) -> SimulationResult:
     """Feed the responses, in order, to one client's state under `safeguard` and count verdicts."""
@@ -165,7 +165,7 @@ def simulate_model(
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     mistakes, accuracy = model_mistakes(proba, labels, n_challenges, rng, size)
-    return judge(mistakes, safeguard or NoSafeguard(), agent, accuracy, size)
+    return judge_responses(mistakes, safeguard or NoSafeguard(), agent, accuracy, size)
 
 
 def simulate_agent(
@@ -186,7 +186,7 @@ def simulate_agent(
         per_image_accuracy = accuracy_for_challenge_success(challenge_success, size)
     rng = rng if rng is not None else np.random.default_rng(0)
     mistakes = agent_mistakes(per_image_accuracy, n_challenges, rng, size)
-    return judge(mistakes, safeguard or NoSafeguard(), agent, per_image_accuracy, size)
+    return judge_responses(mistakes, safeguard or NoSafeguard(), agent, per_image_accuracy, size)
 
 
 # ---- defend: a grid of safeguards, a bot and a human ------------------------------------------------
@@ -278,8 +278,8 @@ def compare_safeguards(
 
     safeguards = grid.safeguards()
     settings = [
-        _setting_row(sg, judge(bot_mistakes, sg, bot_name, bot_accuracy),
-                     judge(human_mistakes, sg, "human", human_accuracy))
+        _setting_row(sg, judge_responses(bot_mistakes, sg, bot_name, bot_accuracy),
+                     judge_responses(human_mistakes, sg, "human", human_accuracy))
         for sg in safeguards
     ]
     recommended = recommend(settings, human_floor)
@@ -287,7 +287,7 @@ def compare_safeguards(
     sweep = []
     for p in sweep_accuracies:
         mistakes = agent_mistakes(p, sweep_challenges, rng)  # one draw per accuracy, judged by every curve
-        sweep += [{**judge(mistakes, sg, "agent", p).to_dict(), "family": family(sg)} for sg in curves]
+        sweep += [{**judge_responses(mistakes, sg, "agent", p).to_dict(), "family": family(sg)} for sg in curves]
     return DefendReport(bot_accuracy, human_accuracy, settings, sweep, recommended, files={})
 
 
