@@ -28,7 +28,8 @@ test-fast: $(STAMP)
 
 # Retrain the default model shipped in src/asirra/weights/ (recorded command; see its model card).
 model: $(STAMP)
-	$(BIN)/asirra train --model effnet-lite0 --strategy linear --data $(DATA)/train --out runs/default-model --seed 0
+	rm -rf runs/default-model
+	$(BIN)/asirra train --model effnet-lite0 --strategy linear --epochs 30 --lr 1e-3 --schedule cosine --weight-decay 1e-4 --seed 0 --data $(DATA)/train --out runs/default-model
 	$(BIN)/asirra export --model runs/default-model --package
 
 bench: $(STAMP)

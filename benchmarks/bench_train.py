@@ -1,20 +1,24 @@
 """Training throughput of seed-cnn on this CPU: precision / memory-format variants side by side.
 
-    python benchmarks/bench_train.py [--data PATH] [--batches 6] [--rounds 3] [--epoch-images 640]
+    python benchmarks/bench_train.py [--data PATH] [--batches 4] [--rounds 3] [--epoch-images 384]
                                      [--cache-dir /tmp/asirra-bench-cache] [--no-compile] [--skip-memory]
 
-Three measurements, each through the code `asirra train` runs (PixelTask + the epoch loop of fit):
+Four measurements, each through the code `asirra train` runs (PixelTask + the epoch loop of fit):
 1. img/s of one training step (uint8 -> float, random affine, forward, backward, AdamW) at 128 px,
-   batch 64, per variant: fp32, channels_last, bf16 autocast, both, both + torch.compile, and the
-   best eager variant on one thread. Variants take turns in rounds, so a burst of load from other
-   processes hits them all alike; the ratio to fp32 is the figure to trust on a shared machine.
+   batch 64, per variant: fp32, channels_last, bf16 autocast, both, + heap reuse
+   (train.reuse_freed_memory), + torch.compile. Variants take turns in rounds, so a burst of load
+   from other processes hits them all alike; the ratio to fp32 and the CPU time per image are the
+   figures to trust on a shared machine.
 2. a whole epoch read from the PixelCache memmap vs the same images already in RAM vs pure compute
    on pre-built, pre-augmented tensors: how much of an epoch the data path costs.
-3. peak memory (ru_maxrss) of building the 128 px cache over the whole data set and iterating it
-   once, measured in a child process so the other sections do not count. ru_maxrss counts the
-   memmap's resident file pages, which the kernel may evict; RssAnon is the memory that cannot be.
+3. OpenMP settings (all cores with libgomp's default spin-waiting, all cores with
+   OMP_WAIT_POLICY=PASSIVE, one thread), each in a fresh process since libgomp reads them once.
+4. peak memory (ru_maxrss) of building a fresh 128 px cache over the whole data set and iterating
+   it once, in a child process so the other sections do not count. ru_maxrss counts the memmap's
+   resident file pages, which the kernel may evict; RssAnon is the memory that cannot be.
 
-The cache lives in --cache-dir (not ~/.cache/asirra); the first run decodes every image into it.
+Sections 1-3 read a cache in --cache-dir (not ~/.cache/asirra); section 4 builds its own in a
+temporary folder beside it and deletes it afterwards.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +43,7 @@ import torch
 from asirra.cache import PixelCache
 from asirra.data import scan
 from asirra.models import create_model
-from asirra.train import PixelTask, TrainConfig, _train_one_epoch
+from asirra.train import PixelTask, TrainConfig, _train_one_epoch, reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
@@ -45,12 +51,21 @@ IMAGE_SIZE = 128
 BATCH = 64
 REFERENCES = {"Keras 3 + TensorFlow (issue)": 83.0, "eager PyTorch (issue)": 52.0}
 
-VARIANTS = {  # name -> (channels_last, bf16, compile)
-    "eager fp32": (False, False, False),
-    "channels_last": (True, False, False),
-    "bf16 autocast": (False, True, False),
-    "channels_last + bf16": (True, True, False),
-    "channels_last + bf16 + compile": (True, True, True),
+class Variant(NamedTuple):
+    channels_last: bool = False
+    bf16: bool = False
+    compile: bool = False
+    heap_reuse: bool = False  # train.reuse_freed_memory
+
+
+VARIANTS = {
+    "eager fp32": Variant(),
+    "channels_last": Variant(channels_last=True),
+    "bf16 autocast": Variant(bf16=True),
+    "channels_last + bf16": Variant(channels_last=True, bf16=True),
+    "channels_last + bf16 + heap reuse": Variant(channels_last=True, bf16=True, heap_reuse=True),
+    "channels_last + bf16 + heap reuse + compile": Variant(channels_last=True, bf16=True, compile=True,
+                                                           heap_reuse=True),
 }
 
 
@@ -88,36 +103,50 @@ def in_ram(cached, indices: np.ndarray):
 def bench_variants(cached, args) -> list[dict]:
     ram = in_ram(cached, np.arange(args.batches * BATCH))
     indices = np.arange(len(ram))
-    threads = torch.get_num_threads()
-    variants = {name: flags for name, flags in VARIANTS.items() if not (flags[2] and args.no_compile)}
-    tasks, rates, notes = {}, {name: [] for name in variants}, {}
-    for name, (channels_last, bf16, compile_) in variants.items():
-        config = base_config(channels_last=channels_last, bf16=bf16, compile=compile_)
+    runs, notes = {}, {}
+    for name, v in VARIANTS.items():
+        if v.compile and args.no_compile:
+            continue
+        config = base_config(channels_last=v.channels_last, bf16=v.bf16, compile=v.compile)
         task, optimizer = make_task(ram, indices, config)
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
-            timed_epoch(_first_batches(task, 2), optimizer, config)  # warm up (and compile)
-            notes[name] = f"warm-up/compile {time.perf_counter() - started:.0f} s" if compile_ else ""
+            with settings(v):
+                timed_epoch(_first_batches(task, 2), optimizer, config)  # warm up (and compile)
         except Exception as exc:  # torch.compile needs a working C++ toolchain
             print(f"skipping {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-            del rates[name]
             continue
-        tasks[name] = (task, optimizer, config)
-    best_eager = "channels_last + bf16"
-    if best_eager in tasks:
-        tasks[f"{best_eager}, 1 thread"] = tasks[best_eager]
-        rates[f"{best_eager}, 1 thread"] = []
+        notes[name] = f"warm-up + compile {time.perf_counter() - started:.0f} s" if v.compile else ""
+        runs[name] = (v, task, optimizer, config)
+    rates = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     for round_ in range(args.rounds):
-        for name, (task, optimizer, config) in tasks.items():
-            torch.set_num_threads(1 if name.endswith("1 thread") else threads)
-            seconds = timed_epoch(task, optimizer, config, epoch=round_ + 1)
+        for name, (v, task, optimizer, config) in runs.items():
+            with settings(v):
+                before = _cpu_seconds()
+                seconds = timed_epoch(task, optimizer, config, epoch=round_ + 1)
+                cpu[name].append((_cpu_seconds() - before) / len(indices) * 1000)
             rates[name].append(len(indices) / seconds)
         print(f"round {round_ + 1}/{args.rounds} done; load {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    torch.set_num_threads(threads)
     base = statistics.median(rates["eager fp32"])
     return [{"variant": name, "img_s": statistics.median(r), "min": min(r), "max": max(r),
-             "vs_fp32": statistics.median(r) / base, "note": notes.get(name, "")}
-            for name, r in rates.items()]
+             "vs_fp32": statistics.median(r) / base, "cpu_ms": statistics.median(cpu[name]),
+             "note": notes[name]} for name, r in rates.items()]
+
+
+@contextmanager
+def settings(variant: Variant):
+    """The process-wide setting of a variant, undone afterwards so the next variant starts clean."""
+    reuse_freed_memory(variant.heap_reuse)
+    try:
+        yield
+    finally:
+        reuse_freed_memory(False)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---- 2. epoch: data path vs compute ---------------------------------------------------------
@@ -177,7 +206,46 @@ class _first_batches:
             yield batch
 
 
-# ---- 3. memory of the cache over the whole data set -----------------------------------------
+# ---- 3. OpenMP threads: settings read once, when torch loads, so each runs in its own process --
+
+
+THREAD_SETTINGS = {  # name -> (torch threads, extra environment)
+    "all cores, OpenMP default (active wait)": (0, {}),
+    "all cores, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "1 thread": (1, {}),
+}
+
+
+def threads_child(args) -> dict:
+    """Runs in a fresh process: img/s of the asirra train step (channels_last + bf16 + heap reuse)."""
+    torch.set_num_threads(args.threads_child or os.cpu_count() or 1)
+    reuse_freed_memory()
+    refs = scan(args.data, labelled=True)
+    refs = [refs[i] for i in np.random.default_rng(0).choice(len(refs), size=args.batches * BATCH, replace=False)]
+    ram = in_ram(PixelCache(IMAGE_SIZE, Path(args.cache_dir)).build(refs, progress=False), np.arange(len(refs)))
+    config = base_config()
+    task, optimizer = make_task(ram, np.arange(len(ram)), config)
+    timed_epoch(_first_batches(task, 2), optimizer, config)
+    before = _cpu_seconds()
+    seconds = timed_epoch(task, optimizer, config, epoch=1)
+    return {"img_s": len(ram) / seconds, "cpu_ms": (_cpu_seconds() - before) / len(ram) * 1000}
+
+
+def bench_threads(args) -> list[dict]:
+    results = {name: [] for name in THREAD_SETTINGS}
+    for _ in range(args.rounds):
+        for name, (threads, env) in THREAD_SETTINGS.items():
+            command = [sys.executable, __file__, "--threads-child", str(threads), "--data", args.data,
+                       "--cache-dir", args.cache_dir, "--batches", str(args.batches)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, **env})
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = statistics.median(r["img_s"] for r in results[next(iter(THREAD_SETTINGS))])
+    return [{"setting": name, "img_s": statistics.median(r["img_s"] for r in runs),
+             "vs_default": statistics.median(r["img_s"] for r in runs) / base,
+             "cpu_ms": statistics.median(r["cpu_ms"] for r in runs)} for name, runs in results.items()]
+
+
+# ---- 4. memory of the cache over the whole data set -----------------------------------------
 
 
 def memory_child(data: str, cache_dir: str) -> dict:
@@ -235,19 +303,23 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED_TRAIN))
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per variant per round")
+    parser.add_argument("--batches", type=int, default=4, help="timed batches per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epoch-images", type=int, default=640)
+    parser.add_argument("--epoch-images", type=int, default=384)
     parser.add_argument("--cache-dir", default="/tmp/asirra-bench-cache")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--skip-memory", action="store_true", help="skip the full-data-set memory section")
     parser.add_argument("--json", action="store_true", help="also print all results as one JSON object")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"error: no data at {args.data}")
     if args.memory_child:
         print(json.dumps(memory_child(args.data, args.cache_dir)))
+        return
+    if args.threads_child is not None:
+        print(json.dumps(threads_child(args)))
         return
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # as asirra train does
@@ -261,10 +333,11 @@ def main() -> None:
     cached = PixelCache(IMAGE_SIZE, Path(args.cache_dir)).build(refs, progress=False)
 
     results["variants"] = bench_variants(cached, args)
-    eager = [r for r in results["variants"] if "compile" not in r["variant"] and "thread" not in r["variant"]]
     default = TrainConfig(data="", out="")
     config = base_config(channels_last=default.channels_last, bf16=default.bf16, compile=default.compile)
+    reuse_freed_memory()  # as asirra train does
     results["epoch"] = bench_epoch(cached, config, args)
+    results["threads_settings"] = bench_threads(args)
     results["load_after"] = os.getloadavg()
 
     print(f"\nseed-cnn training, {IMAGE_SIZE} px, batch {BATCH}, {results['threads']} threads, torch {torch.__version__}; "
@@ -272,19 +345,23 @@ def main() -> None:
           f"({os.cpu_count()} cores)")
     print(f"\n1. training step throughput (median of {args.rounds} rounds x {args.batches} batches)\n")
     print(table(results["variants"], [("variant", "variant", ""), ("img_s", "img/s", ".1f"), ("min", "min", ".1f"),
-                                      ("max", "max", ".1f"), ("vs_fp32", "x fp32", ".2f"), ("note", "note", "")]))
+                                      ("max", "max", ".1f"), ("vs_fp32", "x fp32", ".2f"),
+                                      ("cpu_ms", "CPU ms/img", ".1f"), ("note", "note", "")]))
     print("   references on this CPU: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in REFERENCES.items()))
-    best = max(eager, key=lambda r: r["img_s"])
-    print(f"   fastest eager variant: {best['variant']}; TrainConfig default: channels_last={default.channels_last}, "
-          f"bf16={default.bf16}, compile={default.compile}")
-    print(f"\n2. epoch of {args.epoch_images} images with the TrainConfig default (median of {args.rounds})\n")
+    best = max(results["variants"], key=lambda r: r["img_s"])
+    print(f"   fastest: {best['variant']}; asirra train uses channels_last={default.channels_last}, bf16={default.bf16}, "
+          f"compile={default.compile}, heap reuse, all cores")
+    print(f"\n2. epoch of {args.epoch_images} images as asirra train runs it (median of {args.rounds})\n")
     print(table(results["epoch"], [("kind", "pipeline", ""), ("seconds", "seconds", ".1f"), ("img_s", "img/s", ".1f"),
                                    ("vs_pure", "x pure compute", ".2f")]))
+    print(f"\n3. OpenMP threads, the asirra train step, one process each (median of {args.rounds})\n")
+    print(table(results["threads_settings"], [("setting", "setting", ""), ("img_s", "img/s", ".1f"),
+                                              ("vs_default", "x default", ".2f"), ("cpu_ms", "CPU ms/img", ".1f")]))
     if "memory" in results:
         m = results["memory"]
         rows = [{"phase": f"build cache ({m['build']['new_rows']} images decoded)", "s": m["build"]["build_s"], **m["build"]},
                 {"phase": "iterate all batches (read+float+augment)", "s": m["iterate"]["iterate_s"], **m["iterate"]}]
-        print(f"\n3. memory over the whole data set ({m['usable']} of {m['images']} images usable, {IMAGE_SIZE} px)\n")
+        print(f"\n4. memory over the whole data set ({m['usable']} of {m['images']} images usable, {IMAGE_SIZE} px)\n")
         print(table(rows, [("phase", "phase", ""), ("s", "seconds", ".1f"), ("maxrss_mb", "peak RSS MB", ".0f"),
                            ("RssAnon_mb", "RssAnon MB", ".0f"), ("RssFile_mb", "RssFile MB", ".0f")]))
         store_mb = m["usable"] * IMAGE_SIZE * IMAGE_SIZE * 3 / 2**20

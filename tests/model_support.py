@@ -41,3 +41,44 @@ def tiny_train_config(data: Path, out: Path, **overrides):
                     cache_dir=str(out.parent / "cache"), bf16=False)
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+def varied_images() -> list[Image.Image]:
+    """Inputs unlike each other: solid colours, noise, stripes, a gradient; square, wide, tall and greyscale."""
+    rng = np.random.default_rng(5)
+    gradient = np.linspace(0, 255, 90 * 60).reshape(60, 90)
+    return [
+        Image.new("RGB", (50, 50), (230, 30, 30)),
+        Image.new("RGB", (40, 70), (20, 40, 220)),
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+        pattern_image((40, 200, 60), "v", (120, 30)),
+        pattern_image((220, 210, 40), "h", (30, 100)),
+        Image.fromarray(np.stack([gradient, gradient[::-1], np.full_like(gradient, 128)], -1).astype(np.uint8)),
+        Image.fromarray(gradient.astype(np.uint8), "L"),
+    ]
+
+
+def save_spread_model(folder: Path, name: str = "seed-cnn", temperature: float = 1.0) -> Path:
+    """A random (or, for effnet-lite0, ImageNet backbone + random head) model saved to `folder`,
+    its head rescaled so that `varied_images` get logits spread over several units: agreement
+    tests on probabilities all near 0.5 would prove little."""
+    import torch
+
+    from asirra.images import read_pixels
+    from asirra.models import ModelConfig, create_model, image_size_of, save_model
+
+    torch.manual_seed(0)
+    size = image_size_of(name)
+    model = create_model(name, pretrained=name == "effnet-lite0")
+    x = torch.from_numpy(np.stack([read_pixels(im, size) for im in varied_images()])).permute(0, 3, 1, 2).float()
+    if name == "seed-cnn":
+        model.train()
+        with torch.no_grad():
+            model(x)  # batch-norm statistics other than the defaults
+    model.eval()
+    head = model.classifier[-1] if name == "seed-cnn" else model.head
+    with torch.no_grad():
+        z = model(x)
+        head.weight *= 3.0 / z.std()
+        head.bias -= model(x).mean()
+    return save_model(model, ModelConfig(name, size, temperature=temperature), folder)

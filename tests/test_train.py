@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from asirra.models import load_model
 from asirra.train import TrainConfig, stratified_split, stratified_subset, train
@@ -70,6 +71,15 @@ def test_fitted_temperature_is_saved_with_the_model(first_run):
     assert metrics["val"]["log_loss"] <= metrics["val_uncalibrated"]["log_loss"] + 1e-9
 
 
+def test_the_same_seed_trains_the_same_weights(first_run, data, tmp_path):
+    torch.rand(10)  # whatever ran before in this process must not matter
+    again = train(tiny_train_config(data, tmp_path / "again", epochs=1, batch_size=8))
+    first, _ = load_model(first_run)
+    second, _ = load_model(again)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_stratified_split_is_seeded_disjoint_and_stratified():
     labels = np.array([0] * 30 + [1] * 20)
     train_idx, val_idx = stratified_split(labels, 0.2, seed=0)
@@ -118,6 +128,14 @@ def test_a_killed_epoch_logged_without_its_checkpoint_is_dropped_on_resume(first
     assert rows[1]["train_loss"] != "99"
 
 
+def test_a_first_epoch_killed_before_its_checkpoint_is_not_logged_twice(first_run, data, tmp_path):
+    run = copy_of(first_run, tmp_path)
+    (run / "checkpoint.pt").unlink()  # killed after logging epoch 1, before its checkpoint landed
+
+    train(tiny_train_config(data, run, epochs=1, batch_size=8), resume=True)
+    assert [row["epoch"] for row in metrics_rows(run)] == ["1"]
+
+
 def test_existing_run_is_refused_without_resume(first_run, data):
     config_before = (first_run / "config.json").read_text()
     with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
@@ -137,7 +155,7 @@ def test_seed_cnn_learns_two_patterns_per_class(tmp_path):
     data = write_pattern_dataset(tmp_path / "train", per_class=40)
     # Batch 8 gives enough steps per epoch for batch norm's running statistics to catch up
     # with the weights; validation runs in eval mode on those statistics.
-    run = train(tiny_train_config(data, tmp_path / "run", epochs=5, batch_size=8))
+    run = train(tiny_train_config(data, tmp_path / "run", epochs=8, batch_size=8))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["n"] == 16
     assert metrics["val"]["accuracy"] > 0.9

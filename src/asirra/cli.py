@@ -101,7 +101,7 @@ MODEL_HELP = "Run folder or model file (default: the model shipped with asirra).
 BACKEND_HELP = "Inference engine: onnx (fast) or torch."
 
 
-def _classifier(model: Optional[str], backend: str, tta: bool = False):
+def _classifier(model: Optional[str], backend: str, tta: Optional[bool] = None):
     from asirra.predict import load_classifier
 
     try:
@@ -128,6 +128,7 @@ def train_command(
     limit: Optional[int] = typer.Option(None, help="Train on a stratified subset of this many images."),
     seed: int = typer.Option(0),
     augment: bool = typer.Option(True, help="Random rotation, shear, zoom, shift and flip."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Validate (and later predict) on the mean of image and mirror."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (slow start, faster epochs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch."),
 ) -> None:
@@ -143,7 +144,7 @@ def train_command(
             data=str(train_dir), out=str(out), model=model, strategy=strategy, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, unfreeze=unfreeze, views=views, schedule=schedule,
             label_smoothing=label_smoothing, patience=patience, limit=limit, seed=seed,
-            augment=AugmentConfig() if augment else None, compile=compile,
+            augment=AugmentConfig() if augment else None, tta=tta, compile=compile,
         )
         run = train(config, resume=resume)
     except (DataError, ValueError) as exc:
@@ -160,7 +161,7 @@ def evaluate_command(
     limit: Optional[int] = typer.Option(None, help="Evaluate a stratified random sample of this many images."),
     split: Optional[Path] = typer.Option(None, help="A run folder: evaluate only its validation images."),
     challenges: int = typer.Option(10_000, help="Random 12-image challenges to draw."),
-    tta: bool = typer.Option(False, "--tta", help="Average with the mirrored image."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average with the mirrored image (default: as the model was validated)."),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -168,7 +169,6 @@ def evaluate_command(
     from asirra.data import DataError, labelled_split_dirs, resolve_data_root, scan
     from asirra.evaluate import evaluate_predictions, write_evaluation
     from asirra.images import read_pixels
-    from asirra.predict import predict_refs
     from asirra.train import stratified_subset
 
     try:
@@ -180,9 +180,7 @@ def evaluate_command(
     except (DataError, ValueError) as exc:
         fail(str(exc))
     clf = _classifier(model, backend, tta)
-    preds = predict_refs(clf, refs)
-    for item in preds.unusable:
-        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    preds = _predict_reporting_skips(clf, refs)
     if not preds.refs:
         fail("no readable images to evaluate")
     report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=challenges, seed=seed,
@@ -203,11 +201,23 @@ def evaluate_command(
         typer.echo(f"{name}: {file}")
 
 
+def _predict_reporting_skips(clf, refs):
+    from asirra.predict import predict_refs
+
+    preds = predict_refs(clf, refs)
+    for item in preds.unusable:
+        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    return preds
+
+
 def _validation_refs(refs, run: Path):
     """The refs whose content is in a run's validation split (content keys survive renames)."""
     from asirra.cache import content_key
 
-    keys = set(json.loads((Path(run) / "split.json").read_text())["val"])
+    split_file = Path(run) / "split.json"
+    if not split_file.is_file():
+        raise ValueError(f"{run} has no split.json: pass a training run folder to --split")
+    keys = set(json.loads(split_file.read_text())["val"])
     return [r for r in refs if content_key(r.read_bytes()) in keys]
 
 
@@ -219,12 +229,12 @@ def predict_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Submission CSV to write (id,label; 1 = dog)."),
     proba: bool = typer.Option(False, "--proba", help="Write clipped P(dog) instead of 0/1 (log-loss leaderboard)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first predictions."),
-    tta: bool = typer.Option(False, "--tta", help="Average with the mirrored image."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average with the mirrored image (default: as the model was validated)."),
 ) -> None:
     """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission)."""
     from asirra.data import DataError, scan
-    from asirra.images import UnusableImage, read_pixels
-    from asirra.predict import predict_refs, write_submission
+    from asirra.images import UnusableImage
+    from asirra.predict import plot_predictions, write_submission
 
     if path.is_file() and path.suffix.lower() != ".zip":
         clf = _classifier(model, backend, tta)
@@ -239,20 +249,12 @@ def predict_command(
     except (DataError, ValueError) as exc:
         fail(str(exc))
     clf = _classifier(model, backend, tta)
-    preds = predict_refs(clf, refs)
-    for item in preds.unusable:
-        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    preds = _predict_reporting_skips(clf, refs)
     out = out or Path("submission.csv")
     write_submission([r.id for r in preds.refs], preds.p_dog, out, proba=proba)
     typer.echo(f"{len(preds.refs)} predictions -> {out}" + (f" ({len(preds.unusable)} unreadable skipped)" if preds.unusable else ""))
     if grid is not None:
-        from asirra.plots import plot_image_grid
-
-        shown = list(range(min(24, len(preds.refs))))
-        plot_image_grid([read_pixels(preds.refs[i].read_bytes(), 160) for i in shown],
-                        [f"{preds.refs[i].name}: {'dog' if preds.p_dog[i] >= 0.5 else 'cat'} {preds.p_dog[i]:.2f}" for i in shown],
-                        grid)
-        typer.echo(f"grid: {grid}")
+        typer.echo(f"grid: {plot_predictions(preds, grid)}")
 
 
 @app.command("export")
@@ -262,7 +264,7 @@ def export_command(
     package: bool = typer.Option(False, "--package", help="Install the model as the package's default (fp16)."),
 ) -> None:
     """Export a model to ONNX, or make it the default model shipped in the package."""
-    from asirra.export import export_onnx
+    from asirra.export import export_beside_weights
     from asirra.models import load_model, resolve_model_folder
 
     try:
@@ -276,7 +278,7 @@ def export_command(
 
         typer.echo(f"default model -> {package_model(folder or _default_model_dir(), DEFAULT_MODEL_DIR)}")
     elif onnx:
-        path = export_onnx(net, (folder or _default_model_dir()) / "model.onnx", config.image_size, output_name="logit")
+        path = export_beside_weights(net, folder or _default_model_dir(), config.image_size)
         typer.echo(f"onnx -> {path}")
 
 

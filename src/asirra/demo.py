@@ -27,7 +27,7 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
     from asirra.cache import content_key
     from asirra.evaluate import evaluate_predictions, write_evaluation
     from asirra.images import read_pixels
-    from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, predict_refs, write_submission
+    from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, plot_predictions, predict_refs, write_submission
     from asirra.train import stratified_subset
 
     started = time.perf_counter()
@@ -76,8 +76,7 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
         ids = [r.id for r in test_preds.refs]
         outputs["submission"] = write_submission(ids, test_preds.p_dog, out / "submission.csv")
         outputs["submission_proba"] = write_submission(ids, test_preds.p_dog, out / "submission_proba.csv", proba=True)
-        _prediction_grid(test_preds, out / "predictions.png")
-        outputs["predictions"] = out / "predictions.png"
+        outputs["predictions"] = plot_predictions(test_preds, out / "predictions.png", title="test1 predictions")
     else:
         say("[3/5] no test1/ folder beside train/: no submission written")
 
@@ -109,13 +108,3 @@ def _simulate_safeguards(preds, challenges: int) -> dict:
         result = simulate_model(preds.p_dog, preds.labels, challenges, make_safeguard(name), np.random.default_rng(0))
         results[name] = result.to_dict()
     return results
-
-
-def _prediction_grid(preds, out: Path) -> None:
-    from asirra.images import read_pixels
-    from asirra.plots import plot_image_grid
-
-    shown = range(min(24, len(preds.refs)))
-    plot_image_grid([read_pixels(preds.refs[i].read_bytes(), 160) for i in shown],
-                    [f"{preds.refs[i].name}: {'dog' if preds.p_dog[i] >= 0.5 else 'cat'} {max(preds.p_dog[i], 1 - preds.p_dog[i]):.2f}"
-                     for i in shown], out, title="test1 predictions")

@@ -37,6 +37,22 @@ def export_onnx(module: nn.Module, path: Path, image_size: int, output_name: str
     return Path(path)
 
 
+def export_beside_weights(module: nn.Module, folder: Path, image_size: int) -> Path:
+    """model.onnx next to model.safetensors, with the weights' fingerprint so a stale file is never used."""
+    path = export_onnx(module, Path(folder) / "model.onnx", image_size, output_name="logit")
+    (Path(folder) / "model.onnx.weights").write_text(state_fingerprint(module))
+    return path
+
+
+def onnx_beside_weights(module: nn.Module, folder: Path | None) -> Path | None:
+    """The exported model.onnx in `folder` if it was made from exactly these weights."""
+    if folder is None or not (Path(folder) / "model.onnx").exists():
+        return None
+    stamp = Path(folder) / "model.onnx.weights"
+    fresh = stamp.exists() and stamp.read_text().strip() == state_fingerprint(module)
+    return Path(folder) / "model.onnx" if fresh else None
+
+
 def onnx_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 

@@ -26,6 +26,7 @@ class ModelConfig:
     name: str
     image_size: int
     temperature: float = 1.0  # calibration: P(dog) = sigmoid(logit / temperature)
+    tta: bool = False  # validated on the mean of the image's and its mirror's logits; inference does the same
     extra: dict = field(default_factory=dict)  # provenance: data, command, seed, metrics, date
 
 

@@ -34,10 +34,12 @@ class Classifier:
     """P(dog) for images: `predict_proba(sources)`, and `solve(sources)` for a CAPTCHA challenge."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = "onnx", folder: Path | None = None,
-                 tta: bool = False):
+                 tta: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.model, self.config, self.backend, self.folder, self.tta = model, config, backend, folder, tta
+        self.model, self.config, self.backend, self.folder = model, config, backend, folder
+        # The temperature was fitted on the logits the model was validated with: use the same by default.
+        self.tta = config.tta if tta is None else tta
         self.name = config.name
         self.image_size = config.image_size
         self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
@@ -97,18 +99,19 @@ class Classifier:
         return onnx_session(self.onnx_path())
 
     def onnx_path(self) -> Path:
-        """The model's ONNX file: model.onnx beside the weights if exported, else one cached per weights."""
-        from asirra.export import export_onnx, state_fingerprint
+        """The model's ONNX file: model.onnx beside the weights if exported from them, else one cached per weights."""
+        from asirra.export import export_onnx, onnx_beside_weights, state_fingerprint
 
-        if self.folder is not None and (self.folder / "model.onnx").exists():
-            return self.folder / "model.onnx"
+        exported = onnx_beside_weights(self.model, self.folder)
+        if exported is not None:
+            return exported
         path = default_cache_dir() / "onnx" / f"{self.name}-{state_fingerprint(self.model)}.onnx"
         if not path.exists():
             export_onnx(self.model, path, self.image_size, output_name="logit")
         return path
 
 
-def load_classifier(model: str | os.PathLike | None = None, backend: str = "onnx", tta: bool = False) -> Classifier:
+def load_classifier(model: str | os.PathLike | None = None, backend: str = "onnx", tta: bool | None = None) -> Classifier:
     """A classifier from a run folder or model file; None means the default model in the package."""
     folder = resolve_model_folder(model) if model is not None else default_model_path()
     net, config = load_model(folder)
@@ -160,6 +163,17 @@ def predict_refs(clf: Classifier, refs: Sequence, batch_size: int = 64, progress
     bar.close()
     z = np.concatenate(logits) if logits else np.zeros(0)
     return Predictions(usable, clf.proba_from_logits(z), z, unusable)
+
+
+def plot_predictions(preds: Predictions, out: Path, n: int = 24, title: str | None = None) -> Path:
+    """A grid of the first `n` predictions, each titled with its name, class and confidence."""
+    from asirra.plots import plot_image_grid
+
+    shown = range(min(n, len(preds.refs)))
+    titles = [f"{preds.refs[i].name}: {'dog' if p >= 0.5 else 'cat'} {max(p, 1 - p):.2f}"
+              for i, p in zip(shown, preds.p_dog)]
+    images = [read_pixels(preds.refs[i].read_bytes(), 160) for i in shown]
+    return plot_image_grid(images, titles, out, title=title)
 
 
 # Kaggle scores log loss on clipped probabilities; clipping here too keeps one confident

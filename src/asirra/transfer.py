@@ -29,16 +29,24 @@ from asirra.models import EffNetLite0, create_model, image_size_of
 
 
 class FrozenPart(torch.nn.Module):
-    """The backbone below block k (k = n_blocks: everything up to the pooled features)."""
+    """The backbone below block k (k = n_blocks: everything up to the pooled features).
+
+    Holds only the frozen modules, so its fingerprint (the activation cache's key) and its ONNX
+    export do not depend on the trainable top or the randomly initialised head.
+    """
 
     def __init__(self, net: EffNetLite0, k: int):
         super().__init__()
-        self.net, self.k = net, k
+        self.pooled = k >= net.n_blocks
+        self.stem, self.blocks = net.stem, net.blocks[:k]
+        self.top = net.top if self.pooled else torch.nn.Identity()
+        self.normalise = net.normalise
 
     def forward(self, x):
-        if self.k >= self.net.n_blocks:
-            return self.net.pooled_features(x)
-        return self.net.features_below(x, self.k)
+        h = self.stem(self.normalise(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.top(h).mean((2, 3)) if self.pooled else h
 
 
 class CachedActivationTask:
@@ -131,12 +139,7 @@ def make_transfer_task(cached, train_idx, val_idx, config):
 
 def cached_activations(net: EffNetLite0, k: int, cached, views: int, config) -> np.ndarray:
     """(n, views, ...) fp16 outputs of the frozen part for every cached image; resumable."""
-    root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    key = hashlib.blake2b(digest_size=10)
-    key.update(json.dumps([PREPROCESS_VERSION, k, views, config.seed, vars(config.augment) if config.augment else None]).encode())
-    key.update(state_fingerprint(FrozenPart(net, k)).encode())
-    key.update("".join(cached.keys).encode())
-    folder = root / "activations" / key.hexdigest()
+    folder = activation_cache_folder(net, k, cached, views, config)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / "frozen.onnx"
     if not onnx_path.exists():
@@ -164,6 +167,16 @@ def cached_activations(net: EffNetLite0, k: int, cached, views: int, config) -> 
             bar.update(stop - start)
         bar.close()
     return np.load(data_path, mmap_mode="r")
+
+
+def activation_cache_folder(net: EffNetLite0, k: int, cached, views: int, config) -> Path:
+    """Keyed by everything the cached numbers depend on: recipe, frozen weights, image contents."""
+    root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    key = hashlib.blake2b(digest_size=10)
+    key.update(json.dumps([PREPROCESS_VERSION, k, views, config.seed, vars(config.augment) if config.augment else None]).encode())
+    key.update(state_fingerprint(FrozenPart(net, k)).encode())
+    key.update("".join(cached.keys).encode())
+    return root / "activations" / key.hexdigest()
 
 
 def _view(pixels: np.ndarray, v: int, config, generator) -> np.ndarray:

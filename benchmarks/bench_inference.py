@@ -1,0 +1,145 @@
+"""Inference speed, ONNX Runtime vs PyTorch, through asirra.predict's Classifier.
+
+    python benchmarks/bench_inference.py [--data PATH] [--model M] [--challenges 30] [--images 500]
+
+(a) CAPTCHA latency: `Classifier.solve` on 12 JPEG byte strings from test1, from bytes to answer
+    (decode, resize, network), median and p90 over --challenges challenges, with the split between
+    decoding (`Classifier.pixels`) and the network (`Classifier.logits`);
+(b) batch throughput: `predict_refs` over --images test1 images (batches of 64, files read from disk);
+(c) agreement: max |P_onnx(dog) - P_torch(dog)| over those images, and how often `solve` differs.
+
+Backends take turns on the same inputs, so load from other processes hits both alike. --model
+defaults to the model shipped in the package; any run or model folder works, and the speed does not
+depend on the weights' values (a random head benchmarks as well as a trained one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TEST = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "test1"
+CHALLENGE_SIZE = 12
+BACKENDS = ("onnx", "torch")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def milliseconds(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - started) * 1000
+
+
+def bench_challenges(classifiers: dict, challenges: list[list[bytes]]) -> list[dict]:
+    for clf in classifiers.values():  # warm-up: first-call allocations, thread pools, ORT arenas
+        for challenge in challenges[:2]:
+            clf.solve(challenge)
+    times = {name: {"solve": [], "decode": [], "network": []} for name in classifiers}
+    for i, challenge in enumerate(challenges):
+        order = list(classifiers) if i % 2 == 0 else list(classifiers)[::-1]
+        for name in order:
+            clf = classifiers[name]
+            times[name]["solve"].append(milliseconds(clf.solve, challenge))
+            started = time.perf_counter()
+            pixels = clf.pixels(challenge)
+            times[name]["decode"].append((time.perf_counter() - started) * 1000)
+            times[name]["network"].append(milliseconds(clf.logits, pixels))
+    return [{"backend": name, "median_ms": statistics.median(t["solve"]), "p90_ms": percentile(t["solve"], 90),
+             "max_ms": max(t["solve"]), "decode_ms": statistics.median(t["decode"]),
+             "network_ms": statistics.median(t["network"])} for name, t in times.items()]
+
+
+def bench_throughput(classifiers: dict, refs: list, repeats: int) -> tuple[list[dict], dict]:
+    from asirra.predict import predict_refs
+
+    seconds = {name: [] for name in classifiers}
+    predictions = {}
+    for _ in range(repeats):
+        for name, clf in classifiers.items():
+            started = time.perf_counter()
+            predictions[name] = predict_refs(clf, refs, progress=False)
+            seconds[name].append(time.perf_counter() - started)
+    rows = [{"backend": name, "images": len(predictions[name].p_dog), "seconds": statistics.median(s),
+             "img_s": len(predictions[name].p_dog) / statistics.median(s)} for name, s in seconds.items()]
+    return rows, predictions
+
+
+def agreement(predictions: dict) -> dict:
+    onnx, torch_ = predictions["onnx"], predictions["torch"]
+    assert [r.source for r in onnx.refs] == [r.source for r in torch_.refs]
+    diff = np.abs(onnx.p_dog - torch_.p_dog)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "answers_differ": int(((onnx.p_dog < 0.5) != (torch_.p_dog < 0.5)).sum()), "images": len(diff)}
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format)."""
+    cells = [[header for _, header, _ in columns]]
+    cells += [[format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(SHARED_TEST), help="a folder of images (Kaggle's test1)")
+    parser.add_argument("--model", default=None, help="run or model folder; default: the package's model")
+    parser.add_argument("--challenges", type=int, default=30)
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2, help="passes of the throughput test per backend")
+    parser.add_argument("--cache-dir", default="/tmp/asirra-bench-cache", help="where exported ONNX files go")
+    args = parser.parse_args()
+    os.environ["ASIRRA_CACHE"] = args.cache_dir  # before asirra reads it
+
+    from asirra.data import scan
+    from asirra.predict import load_classifier
+
+    if not Path(args.data).is_dir():
+        sys.exit(f"error: no data at {args.data}")
+    refs = scan(args.data, labelled=False)[: args.images]
+    n_challenge = min(args.challenges, len(refs) // CHALLENGE_SIZE)
+    challenges = [[refs[i * CHALLENGE_SIZE + j].read_bytes() for j in range(CHALLENGE_SIZE)] for i in range(n_challenge)]
+
+    load_before = os.getloadavg()
+    classifiers, load_s = {}, {}
+    for backend in BACKENDS:
+        started = time.perf_counter()
+        try:
+            classifiers[backend] = load_classifier(args.model, backend=backend)
+        except ValueError as exc:
+            sys.exit(f"error: {exc}")
+        load_s[backend] = time.perf_counter() - started  # onnx: includes the export on first use
+    latency = bench_challenges(classifiers, challenges)
+    throughput, predictions = bench_throughput(classifiers, refs, args.repeats)
+    agree = agreement(predictions)
+    load_after = os.getloadavg()
+
+    clf = classifiers["onnx"]
+    print(f"\nmodel {clf.name} ({args.model or 'package default'}), {clf.image_size} px, "
+          f"{os.cpu_count()} cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print("load_classifier: " + ", ".join(f"{b} {s:.1f} s" for b, s in load_s.items()) + " (onnx includes any export)")
+    print(f"\n(a) one {CHALLENGE_SIZE}-image challenge, JPEG bytes -> answer, over {n_challenge} challenges\n")
+    print(table(latency, [("backend", "backend", ""), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f"),
+                          ("max_ms", "max ms", ".1f"), ("decode_ms", "of which decode", ".1f"),
+                          ("network_ms", "network", ".1f")]))
+    print(f"\n(b) predict_refs throughput (median of {args.repeats})\n")
+    print(table(throughput, [("backend", "backend", ""), ("images", "images", "d"), ("seconds", "seconds", ".1f"),
+                             ("img_s", "img/s", ".1f")]))
+    print(f"\n(c) max |P_onnx - P_torch| = {agree['max_abs_diff']:.2e} (mean {agree['mean_abs_diff']:.2e}) over "
+          f"{agree['images']} images; cat/dog answers differ on {agree['answers_differ']}")
+
+
+if __name__ == "__main__":
+    main()

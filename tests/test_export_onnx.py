@@ -1,0 +1,79 @@
+"""ONNX export: ONNX Runtime and PyTorch give the same probabilities; exports are cached per weights."""
+
+import numpy as np
+import pytest
+import torch
+
+import asirra.export
+from asirra.export import export_onnx, onnx_session, run_onnx, state_fingerprint
+from asirra.images import read_pixels
+from asirra.models import create_model
+from asirra.predict import load_classifier
+from model_support import save_spread_model, varied_images
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASIRRA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    calls = []
+    real = asirra.export.export_onnx
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(asirra.export, "export_onnx", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["seed-cnn", "effnet-lite0"])
+def test_onnx_and_torch_backends_agree_on_probabilities(name, tmp_path):
+    folder = save_spread_model(tmp_path / name, name)
+    images = varied_images()
+    p_torch = load_classifier(folder, backend="torch").predict_proba(images)
+    p_onnx = load_classifier(folder, backend="onnx").predict_proba(images)
+
+    assert p_torch.min() < 0.2 and p_torch.max() > 0.8  # the comparison covers confident outputs too
+    np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4, rtol=0)
+
+
+def test_the_onnx_file_is_exported_once_per_weights(isolated_cache, tmp_path, exports):
+    folder = save_spread_model(tmp_path / "m")
+    first = load_classifier(folder).onnx_path()
+    assert len(exports) == 1 and first.parent == isolated_cache / "onnx"
+
+    assert load_classifier(folder).onnx_path() == first
+    assert len(exports) == 1
+
+    recalibrated = save_spread_model(tmp_path / "other", temperature=2.0)  # same weights: the same file
+    assert load_classifier(recalibrated).onnx_path() == first
+    assert len(exports) == 1
+
+
+def test_exported_module_takes_any_batch_size(tmp_path):
+    net = create_model("seed-cnn").eval()
+    path = export_onnx(net, tmp_path / "seed.onnx", 128, output_name="logit")
+    session = onnx_session(path, threads=1)
+    pixels = np.stack([read_pixels(im, 128) for im in varied_images()])
+    for n in (1, 5):
+        out = run_onnx(session, pixels[:n])
+        assert out.shape == (n,)
+        with torch.no_grad():
+            expected = net(torch.from_numpy(pixels[:n]).permute(0, 3, 1, 2).float()).numpy()
+        np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.onnx"]  # written atomically, no temp file left
+
+
+def test_state_fingerprint_follows_the_weights():
+    torch.manual_seed(0)
+    net = create_model("seed-cnn")
+    before = state_fingerprint(net)
+    assert state_fingerprint(net) == before
+    with torch.no_grad():
+        net.classifier[-1].bias += 1e-3
+    assert state_fingerprint(net) != before
