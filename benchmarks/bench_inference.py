@@ -6,7 +6,9 @@
     (decode, resize, network), median and p90 over --challenges challenges, with the split between
     decoding (`Classifier.pixels`) and the network (`Classifier.logits`);
 (b) batch throughput: `predict_refs` over --images test1 images (batches of 64, files read from disk);
-(c) agreement: max |P_onnx(dog) - P_torch(dog)| over those images, and how often `solve` differs.
+(c) agreement: max |P_onnx(dog) - P_torch(dog)| over those images, and how often `solve` differs;
+(d) ONNX Runtime thread settings (all cores spinning, as asirra runs it; all cores without
+    spinning; one thread) on the network alone, one challenge's pixels at a time.
 
 Backends take turns on the same inputs, so load from other processes hits both alike. --model
 defaults to the model shipped in the package; any run or model folder works, and the speed does not
@@ -74,6 +76,36 @@ def bench_throughput(classifiers: dict, refs: list, repeats: int) -> tuple[list[
     return rows, predictions
 
 
+ORT_SETTINGS = {  # name -> (intra-op threads, allow spinning); export.onnx_session uses all cores, spinning
+    "all cores, spinning (asirra)": (0, True),
+    "all cores, no spinning": (0, False),
+    "1 thread": (1, True),
+}
+
+
+def bench_ort_settings(clf, challenges: list[list[bytes]]) -> list[dict]:
+    """The network alone on one challenge's pixels, per ONNX Runtime thread setting."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, (threads, spinning) in ORT_SETTINGS.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        sessions[name] = ort.InferenceSession(str(clf.onnx_path()), options, providers=["CPUExecutionProvider"])
+    input_name = next(iter(sessions.values())).get_inputs()[0].name
+    feeds = [{input_name: np.ascontiguousarray(clf.pixels(c).transpose(0, 3, 1, 2), dtype=np.float32)} for c in challenges]
+    times = {name: [] for name in sessions}
+    for feed in feeds[:2]:  # warm-up
+        for session in sessions.values():
+            session.run(None, feed)
+    for feed in feeds:
+        for name, session in sessions.items():
+            times[name].append(milliseconds(session.run, None, feed))
+    return [{"setting": name, "median_ms": statistics.median(t), "p90_ms": percentile(t, 90)} for name, t in times.items()]
+
+
 def agreement(predictions: dict) -> dict:
     onnx, torch_ = predictions["onnx"], predictions["torch"]
     assert [r.source for r in onnx.refs] == [r.source for r in torch_.refs]
@@ -94,7 +126,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED_TEST), help="a folder of images (Kaggle's test1)")
+    parser.add_argument("--data", default=str(SHARED_TEST), help="images: a folder such as Kaggle's test1, or a Kaggle root")
     parser.add_argument("--model", default=None, help="run or model folder; default: the package's model")
     parser.add_argument("--challenges", type=int, default=30)
     parser.add_argument("--images", type=int, default=500)
@@ -103,12 +135,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["ASIRRA_CACHE"] = args.cache_dir  # before asirra reads it
 
-    from asirra.data import scan
+    from asirra.data import DataError, scan
     from asirra.predict import load_classifier
 
-    if not Path(args.data).is_dir():
-        sys.exit(f"error: no data at {args.data}")
-    refs = scan(args.data, labelled=False)[: args.images]
+    try:
+        refs = scan(args.data, labelled=False)[: args.images]  # a Kaggle root gives its test1/
+    except DataError as exc:
+        sys.exit(f"error: {exc}")
     n_challenge = min(args.challenges, len(refs) // CHALLENGE_SIZE)
     challenges = [[refs[i * CHALLENGE_SIZE + j].read_bytes() for j in range(CHALLENGE_SIZE)] for i in range(n_challenge)]
 
@@ -124,6 +157,7 @@ def main() -> None:
     latency = bench_challenges(classifiers, challenges)
     throughput, predictions = bench_throughput(classifiers, refs, args.repeats)
     agree = agreement(predictions)
+    ort_settings = bench_ort_settings(classifiers["onnx"], challenges)
     load_after = os.getloadavg()
 
     clf = classifiers["onnx"]
@@ -139,6 +173,8 @@ def main() -> None:
                              ("img_s", "img/s", ".1f")]))
     print(f"\n(c) max |P_onnx - P_torch| = {agree['max_abs_diff']:.2e} (mean {agree['mean_abs_diff']:.2e}) over "
           f"{agree['images']} images; cat/dog answers differ on {agree['answers_differ']}")
+    print(f"\n(d) ONNX Runtime threads: the network alone on one challenge ({n_challenge} challenges)\n")
+    print(table(ort_settings, [("setting", "setting", ""), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f")]))
 
 
 if __name__ == "__main__":

@@ -20,19 +20,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from asirra.captcha.attack import RandomGuesser
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
 HOST = "127.0.0.1"  # never anything but loopback
 
 
-class RandomGuesser:
-    name = "random"
-
-    def __init__(self, seed: int = 0):
-        self._rng = np.random.default_rng(seed)
-
-    def solve(self, sources) -> list[bool]:
-        return [bool(flag) for flag in self._rng.random(len(sources)) < 0.5]
 
 
 def run_server(data: str, pool_size: int, port: int, max_challenges: int) -> None:

@@ -332,18 +332,15 @@ def _score_captcha_pool(data: Path, model: Optional[str], backend: str, limit: O
         classifier = load_classifier(model, backend=backend)
     except ValueError as exc:
         fail(str(exc))
-    scored = predict_refs(classifier, refs)
-    for item in scored.unusable:
-        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
-    return classifier, scored
+    return classifier, _predict_reporting_skips(classifier, refs)
 
 
 @captcha_app.command("simulate")
 def captcha_simulate(
     data: Path = typer.Option(..., "--data", help="Labelled images: the pool challenges are drawn from."),
     challenges: int = typer.Option(10_000, "--challenges", "-n", min=1, help="Challenges to attempt."),
-    model: Optional[str] = typer.Option(None, "--model", help="Run folder or model file (default: the shipped model)."),
-    backend: str = typer.Option("onnx", "--backend", help="onnx or torch."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
     safeguard: str = typer.Option("none", "--safeguard", help=_SAFEGUARD_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=12, help="Score only this many pool images, at random."),
     seed: int = typer.Option(0, "--seed", help="Seeds the pool sample and the challenges."),
@@ -380,8 +377,8 @@ def captcha_defend(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled images to measure the bot (the classifier) on."),
     accuracy: Optional[float] = typer.Option(None, "--accuracy", min=0.0, max=1.0,
                                              help="The bot's per-image accuracy, instead of --data (needs no model)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Run folder or model file (default: the shipped model)."),
-    backend: str = typer.Option("onnx", "--backend", help="onnx or torch."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=12, help="Score only this many images, at random."),
     challenges: int = typer.Option(20_000, "--challenges", "-n", min=100, help="Challenges per agent and setting."),
     human: float = typer.Option(0.996, "--human", min=0.0, max=1.0, help="Human challenge success (Elson et al.)."),
@@ -429,6 +426,8 @@ def captcha_serve(
     safeguard: str = typer.Option("none", "--safeguard", help=_SAFEGUARD_HELP),
     ttl: float = typer.Option(120.0, "--ttl", min=1.0, help="Seconds a challenge stays answerable."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds which challenges are drawn (tokens stay random)."),
+    challenge_rate: float = typer.Option(1.0, "--challenge-rate", min=0.001,
+                                         help="New challenges per second per client (raise it to measure a bot unthrottled)."),
 ) -> None:
     """Serve challenges on a web page and a JSON API until Ctrl-C."""
     from asirra.captcha.safeguards import parse_safeguard
@@ -438,7 +437,7 @@ def captcha_serve(
     try:
         policy = parse_safeguard(safeguard)
         pool = usable_pool(scan(data, labelled=True))
-        web_app = create_app(pool, policy, ServiceSettings(ttl_seconds=ttl, seed=seed))
+        web_app = create_app(pool, policy, ServiceSettings(ttl_seconds=ttl, seed=seed, challenge_rate=challenge_rate))
     except ValueError as exc:
         fail(str(exc))
     typer.echo(f"serving {len(pool)} images, safeguard {policy.name}, at http://{host}:{port}/", err=True)
@@ -452,8 +451,8 @@ app.command("serve")(captcha_serve)
 def captcha_attack(
     url: str = typer.Option(..., "--url", help="A running service, e.g. http://127.0.0.1:8000."),
     challenges: int = typer.Option(100, "--challenges", "-n", min=1, help="Challenges to attempt."),
-    model: Optional[str] = typer.Option(None, "--model", help="Run folder or model file (default: the shipped model)."),
-    backend: str = typer.Option("onnx", "--backend", help="onnx or torch."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="Challenges in flight at once."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for each HTTP reply."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

@@ -164,3 +164,15 @@ def attack(url: str, n: int, classifier, concurrency: int = 1, timeout: float = 
     """
     check_settings(url, n, concurrency)
     return asyncio.run(attack_async(url, n, classifier, concurrency, timeout, progress, transport))
+
+
+class RandomGuesser:
+    """Picks cats at random: the baseline bot (solves 1 in 4,096), and a load generator costing no CPU."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self._rng = np.random.default_rng(seed)
+
+    def solve(self, sources) -> list[bool]:
+        return [bool(flag) for flag in self._rng.random(len(sources)) < 0.5]
