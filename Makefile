@@ -35,6 +35,7 @@ model: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py --data $(DATA)/train
 	$(BIN)/python benchmarks/bench_inference.py --data $(DATA)
+	$(BIN)/python benchmarks/load_test.py --data $(DATA)/train
 
 # Debian's Chromium for the browser test; skipped quietly where we are not root (the test then says why it skips).
 chromium:

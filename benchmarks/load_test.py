@@ -27,8 +27,6 @@ SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
 HOST = "127.0.0.1"  # never anything but loopback
 
 
-
-
 def run_server(data: str, pool_size: int, port: int, max_challenges: int) -> None:
     from asirra.captcha.safeguards import make_safeguard
     from asirra.captcha.service import ServiceSettings, create_app, serve, usable_pool

@@ -1,5 +1,6 @@
 """asirra: train cat-vs-dog CNNs and use them to measure, attack and defend Asirra-style CAPTCHAs."""
 
+import functools
 import os
 
 # OpenMP threads that sleep when idle instead of spinning: on a 2-core machine shared with data
@@ -18,9 +19,15 @@ def solve(images, model=None, backend: str = "onnx"):
 
     `images` are paths, bytes or PIL images. An unreadable image raises UnusableImage naming it.
     """
+    return _classifier(None if model is None else str(model), backend).solve(images)
+
+
+@functools.lru_cache(maxsize=4)
+def _classifier(model, backend):
+    # Loading verifies the weights and opens an ONNX session (~1 s): once per model, not per call.
     from asirra.predict import load_classifier
 
-    return load_classifier(model, backend=backend).solve(images)
+    return load_classifier(model, backend=backend)
 
 
 __all__ = ["CAT", "DOG", "CLASS_NAMES", "solve", "__version__"]
