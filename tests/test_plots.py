@@ -104,10 +104,12 @@ def test_plot_image_grid_rejects_mismatched_titles(tmp_path):
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
+    from asirra.fileio import atomic_path
+
     out = tmp_path / "curves.png"
     out.write_bytes(b"previous")
     with pytest.raises(RuntimeError):
-        with plots.atomic_output(out) as tmp:
+        with atomic_path(out) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("disk full")
     assert out.read_bytes() == b"previous"

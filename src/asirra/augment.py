@@ -16,7 +16,7 @@ import torch.nn.functional as F
 @dataclass
 class AugmentConfig:
     rotation_deg: float = 15.0
-    shear: float = 0.1  # radians of shear angle, as Keras' shear_range
+    shear: float = 0.1  # shear angle in radians (Keras' shear_range of 0.1 is in degrees; the notebook meant visible shear)
     zoom: float = 0.2  # scale drawn from [1 - zoom, 1 + zoom]
     shift: float = 0.1  # fraction of width / height
     hflip: bool = True

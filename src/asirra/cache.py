@@ -155,11 +155,11 @@ class PixelCache:
         return CachedImages(usable, np.array(rows, dtype=np.int64), usable_keys, store, unusable)
 
     def _lock(self):
-        return _FileLock(self.dir / "lock")
+        return FileLock(self.dir / "lock")
 
 
-class _FileLock:
-    """One writer per store: two training runs sharing a cache append in turn, not interleaved."""
+class FileLock:
+    """One writer per cache folder: two training runs sharing a cache write in turn, not interleaved."""
 
     def __init__(self, path: Path):
         self.path = path

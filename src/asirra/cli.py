@@ -169,13 +169,13 @@ def evaluate_command(
     from asirra.data import DataError, labelled_split_dirs, resolve_data_root, scan
     from asirra.evaluate import evaluate_predictions, write_evaluation
     from asirra.images import read_pixels
-    from asirra.train import stratified_subset
+    from asirra.train import stratified_subset, validation_refs
 
     try:
         root = resolve_data_root(path)
         refs = scan(labelled_split_dirs(root)[0] or root, labelled=True)
         if split is not None:
-            refs = _validation_refs(refs, split)
+            refs = validation_refs(refs, Path(split) / "split.json")
         refs = [refs[i] for i in stratified_subset([r.label for r in refs], limit, seed)]
     except (DataError, ValueError) as exc:
         fail(str(exc))
@@ -193,7 +193,8 @@ def evaluate_command(
         emit_json(report.to_json())
         return
     r = report.to_json()
-    typer.echo(f"{r['n']} images  accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  AUC {r['auc']:.4f}")
+    auc = "n/a (one class)" if r["auc"] is None else f"{r['auc']:.4f}"
+    typer.echo(f"{r['n']} images  accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  AUC {auc}")
     if r.get("challenge_solve_rate") is not None:
         typer.echo(f"12-image challenges solved: {r['challenge_solve_rate']:.4f} "
                    f"(95% CI {r['ci_low']:.4f}-{r['ci_high']:.4f}; p^12 = {r['p12']:.4f})")
@@ -208,17 +209,6 @@ def _predict_reporting_skips(clf, refs):
     for item in preds.unusable:
         typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
     return preds
-
-
-def _validation_refs(refs, run: Path):
-    """The refs whose content is in a run's validation split (content keys survive renames)."""
-    from asirra.cache import content_key
-
-    split_file = Path(run) / "split.json"
-    if not split_file.is_file():
-        raise ValueError(f"{run} has no split.json: pass a training run folder to --split")
-    keys = set(json.loads(split_file.read_text())["val"])
-    return [r for r in refs if content_key(r.read_bytes()) in keys]
 
 
 @app.command("predict")

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from asirra import CAT, CLASS_NAMES, DOG
 from asirra.download import archive_path
+from asirra.fileio import atomic_path
 from asirra.images import MAX_FILE_BYTES, UnusableImage, load_image, read_file
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
@@ -399,12 +400,9 @@ def show_grid(
             title = f"{title}\nunusable: {exc.reason}"
         axes.set_title(title, fontsize=8)
     figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=100)
-    os.replace(temporary, out)
-    return out
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    return Path(out)
 
 
 def _default_title(ref: ImageRef) -> str:

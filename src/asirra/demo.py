@@ -7,7 +7,6 @@ validation split, recorded with it); 3. write a Kaggle submission for test1/; 4.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,12 +22,21 @@ def say(message: str) -> None:
 
 
 def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int = 10_000, backend: str = "onnx") -> dict:
+    try:
+        return _run_demo(data, out, samples, challenges, backend)
+    except DemoError:
+        raise
+    except ValueError as exc:  # bad data, a missing model, a wrong backend: one line, not a traceback
+        raise DemoError(str(exc)) from None
+
+
+def _run_demo(data, out, samples, challenges, backend) -> dict:
     from asirra import data as datamod
-    from asirra.cache import content_key
     from asirra.evaluate import evaluate_predictions, write_evaluation
+    from asirra.fileio import write_json_atomic
     from asirra.images import read_pixels
     from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, plot_predictions, predict_refs, write_submission
-    from asirra.train import stratified_subset
+    from asirra.train import stratified_subset, validation_refs
 
     started = time.perf_counter()
     out = Path(out)
@@ -45,8 +53,7 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
     # The default model's validation split, so the figures are on images it never trained on.
     split_file = DEFAULT_MODEL_DIR / "split.json"
     if split_file.exists():
-        val_keys = set(json.loads(split_file.read_text())["val"])
-        held_out = [r for r in refs if content_key(r.read_bytes()) in val_keys]
+        held_out = validation_refs(refs, split_file)
         say(f"      {len(refs)} labelled images, {len(held_out)} of them held out from the default model's training")
     else:
         held_out = refs
@@ -67,7 +74,7 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
                              lambda idx: [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx],
                              [r.name for r in preds.refs], out / "evaluation")
     metrics = evaluation.to_json()
-    say(f"      accuracy {metrics['accuracy']:.4f}  log loss {metrics['log_loss']:.4f}  AUC {metrics['auc']:.4f}")
+    say(f"      accuracy {metrics['accuracy']:.4f}  log loss {metrics['log_loss']:.4f}  AUC {metrics['auc'] or float('nan'):.4f}")
 
     outputs = dict(files)
     if test_dir:
@@ -85,12 +92,12 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
     for name, result in attacks.items():
         say(f"      {name:<15} bot passes {result['solve_rate']:.4f} (95% CI {result['ci_low']:.4f}-{result['ci_high']:.4f})")
     say(f"      p^12 from per-image accuracy: {metrics['p12']:.4f}; "
-        f"exact-set solve rate on this pool: {metrics['challenge_solve_rate']:.4f}")
+        f"exact solve rate for challenges drawn from this pool: {metrics['exact_solve_rate']:.4f}")
 
     say("[5/5] outputs")
     summary = {"data": str(root), "evaluation": metrics, "challenges": attacks,
                "seconds": round(time.perf_counter() - started, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json_atomic(out / "summary.json", summary)
     outputs["summary"] = out / "summary.json"
     outputs["data_sample"] = out / "data_sample.png"
     for name, path in outputs.items():

@@ -6,7 +6,6 @@ Everything here works on two arrays, `y_true` (asirra.CAT == 0, asirra.DOG == 1)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from asirra import CAT, CLASS_NAMES, DOG, plots
+from asirra.fileio import write_json_atomic
 
 # Log loss clips probabilities to [EPS, 1 - EPS]. A float32 sigmoid rounds to exactly 0 or 1 for
 # |logit| > ~17, and one such confidently wrong image would make the log loss infinite and the
@@ -262,13 +262,6 @@ def evaluate_predictions(
     return EvaluationReport(metrics=metrics, challenge=challenge, info=dict(info or {}))
 
 
-def write_json(obj: dict, out: Path) -> Path:
-    """Write `obj` as indented JSON, atomically."""
-    with plots.atomic_output(out) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    return Path(out)
-
-
 def write_evaluation(
     report: EvaluationReport,
     y_true,
@@ -292,7 +285,7 @@ def write_evaluation(
     threshold = report.metrics.get("threshold", 0.5)
     mistakes = worst_mistakes(y, p, k=k_mistakes, threshold=threshold).tolist()
     return {
-        "metrics": write_json(report.to_json(), out_dir / "metrics.json"),
+        "metrics": write_json_atomic(out_dir / "metrics.json", report.to_json()),
         "confusion": plots.plot_confusion(np.array(report.metrics["confusion"]), out_dir / "confusion.png"),
         "roc": plots.plot_roc(y, p, out_dir / "roc.png"),
         "reliability": plots.plot_reliability(y, p, out_dir / "reliability.png", p_dog_after=p_dog_calibrated),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from asirra.models import atomic_path
+from asirra.fileio import atomic_path, write_text_atomic
 
 
 def export_onnx(module: nn.Module, path: Path, image_size: int, output_name: str = "out") -> Path:
@@ -40,7 +40,7 @@ def export_onnx(module: nn.Module, path: Path, image_size: int, output_name: str
 def export_beside_weights(module: nn.Module, folder: Path, image_size: int) -> Path:
     """model.onnx next to model.safetensors, with the weights' fingerprint so a stale file is never used."""
     path = export_onnx(module, Path(folder) / "model.onnx", image_size, output_name="logit")
-    (Path(folder) / "model.onnx.weights").write_text(state_fingerprint(module))
+    write_text_atomic(Path(folder) / "model.onnx.weights", state_fingerprint(module))
     return path
 
 
@@ -85,10 +85,15 @@ def package_model(model_path: Path, dest: Path) -> Path:
     import json
     import shutil
 
-    from asirra.models import load_model, resolve_model_folder, save_model, write_json_atomic
+    from asirra.fileio import write_json_atomic, write_text_atomic
+    from asirra.models import load_model, resolve_model_folder, save_model
 
     folder = resolve_model_folder(model_path)
+    if folder.resolve() == Path(dest).resolve():
+        raise ValueError(f"{folder} is already the packaged model; pass the run folder it came from")
     net, config = load_model(folder)
+    for stale in ("split.json", "curves.png", "MODEL_CARD.md", "model.onnx", "model.onnx.weights"):
+        (Path(dest) / stale).unlink(missing_ok=True)  # nothing of the previous model may survive beside the new one
     save_model(net, config, dest, half=True)
     run = folder.parent
     if (run / "split.json").exists():
@@ -98,7 +103,7 @@ def package_model(model_path: Path, dest: Path) -> Path:
     for name in ("curves.png",):
         if (run / name).exists():
             shutil.copyfile(run / name, dest / name)
-    (dest / "MODEL_CARD.md").write_text(model_card(config, run))
+    write_text_atomic(dest / "MODEL_CARD.md", model_card(config, run))
     return dest
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from asirra.fileio import atomic_path, write_json_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -179,7 +180,7 @@ def save_model(model: nn.Module, config: ModelConfig, folder: Path, half: bool =
         if half and value.is_floating_point() and "running_var" not in key:
             value = value.half()
         tensors[key] = value
-    with _atomic_path(folder / WEIGHTS_FILE) as tmp:
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"name": config.name})
     write_json_atomic(folder / CONFIG_FILE, asdict(config))
     return folder
@@ -190,10 +191,16 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig]:
     from safetensors.torch import load_file
 
     folder = resolve_model_folder(path)
-    config = ModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+    try:
+        config = ModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{folder / CONFIG_FILE} is not an asirra model config ({exc})") from None
     model = create_model(config.name, pretrained=False)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / WEIGHTS_FILE).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{folder}: weights do not fit {config.name} ({str(exc).splitlines()[0]})") from None
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match {config.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), config
@@ -207,35 +214,3 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
         if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
     raise ValueError(f"no model at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}, or a run folder holding model/)")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-class _atomic_path:
-    """Yields a temp path beside `target`; on success it replaces `target` in one rename."""
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=self.target.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared outputs unreadable
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
-
-
-atomic_path = _atomic_path

@@ -11,10 +11,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -27,6 +25,8 @@ from PIL import Image
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from asirra.fileio import atomic_path
+
 CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 DPI = 100
 
@@ -35,26 +35,9 @@ class MetricsFileError(ValueError):
     """A metrics.csv that cannot be plotted (missing, empty, or without the expected columns)."""
 
 
-@contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to write; on success it replaces `out` in one step.
-
-    Readers never see a half-written file, and a failed write leaves the previous file intact.
-    The name is opened fresh (not via mkstemp, whose 0600 mode would stick to the result).
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_figure(fig: Figure, out: Path) -> Path:
     """Write `fig` as a PNG to `out` atomically."""
-    with atomic_output(out) as tmp:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return Path(out)
 

@@ -18,7 +18,8 @@ import torch
 
 from asirra.cache import default_cache_dir
 from asirra.images import ImageSource, UnusableImage, read_pixels
-from asirra.models import ModelConfig, atomic_path, load_model, resolve_model_folder
+from asirra.fileio import atomic_path
+from asirra.models import ModelConfig, load_model, resolve_model_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
 BACKENDS = ("onnx", "torch")
@@ -64,7 +65,9 @@ class Classifier:
             return self.model(x).double().numpy().reshape(-1)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-logits / self.config.temperature))
+        from scipy.special import expit
+
+        return expit(logits / self.config.temperature)
 
     # -- images in ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import platform
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -33,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from asirra.augment import AugmentConfig, random_affine, to_float_batch
-from asirra.models import ModelConfig, atomic_path, image_size_of, save_model, write_json_atomic
+from asirra.fileio import atomic_path, write_json_atomic
+from asirra.models import ModelConfig, image_size_of, save_model
 
 
 @dataclass
@@ -65,6 +66,22 @@ class TrainConfig:
     compile: bool = False
     workers: int = 2
     cache_dir: str | None = None
+
+    def __post_init__(self):
+        # Fail in a second, before the data is decoded or the backbone runs, not after.
+        from asirra.models import available_models
+
+        checks = [
+            (self.model in available_models(), f"unknown model {self.model!r}; available: {', '.join(available_models())}"),
+            (self.strategy in ("scratch", "linear", "finetune"), f"unknown strategy {self.strategy!r}; choose scratch, linear or finetune"),
+            (self.schedule in ("plateau", "cosine", "onecycle"), f"unknown schedule {self.schedule!r}; choose plateau, cosine or onecycle"),
+            (0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, got {self.val_fraction}"),
+            (not (self.tta and self.strategy != "scratch" and self.views < 2), "--tta needs --views 2 or more (the mirror view)"),
+            (self.epochs >= 1 and self.batch_size >= 2, "epochs must be >= 1 and batch size >= 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -115,13 +132,15 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False) -> dic
         # Also without a checkpoint: a first epoch can be logged and killed before its checkpoint lands.
         _truncate_metrics(run / "metrics.csv", state["epoch"])
 
-    for epoch in range(state["epoch"], config.epochs):
+    if state["bad_epochs"] >= config.patience:
+        print(f"run {run} had already stopped early after epoch {state['epoch']}")
+    for epoch in range(state["epoch"], config.epochs if state["bad_epochs"] < config.patience else 0):
         started = time.perf_counter()
         train_loss, train_acc = _train_one_epoch(task, optimizer, scheduler, config, epoch)
         val_logits, val_labels = task.val_logits()
         val_loss = F.binary_cross_entropy_with_logits(val_logits, val_labels.float()).item()
         val_acc = ((val_logits > 0).long() == val_labels).float().mean().item()
-        lr = optimizer.param_groups[-1]["lr"]
+        lr = optimizer.param_groups[0]["lr"]  # the head's (or the only) group
         if config.schedule == "plateau":
             scheduler.step(val_acc)
 
@@ -272,8 +291,44 @@ def load_split(run: Path, cached) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the train and validation images of a run, matched by content key."""
     split = json.loads((run / "split.json").read_text())
     where = {key: i for i, key in enumerate(cached.keys)}
-    pick = lambda keys: np.array([where[k] for k in keys if k in where], dtype=np.int64)  # noqa: E731
-    return pick(split["train"]), pick(split["val"])
+
+    def positions(keys):
+        return np.array([where[k] for k in keys if k in where], dtype=np.int64)
+
+    return positions(split["train"]), positions(split["val"])
+
+
+def drop_duplicate_content(cached):
+    """Keep the first of byte-identical images, so no photo sits in both training and validation."""
+    first = {}
+    for i, key in enumerate(cached.keys):
+        first.setdefault(key, i)
+    keep = np.array(sorted(first.values()), dtype=np.int64)
+    if len(keep) == len(cached):
+        return cached
+    dropped = [{"path": cached.refs[i].source, "reason": f"same content as {cached.refs[first[k]].name}"}
+               for i, k in enumerate(cached.keys) if first[k] != i]
+    print(f"{len(dropped)} images duplicate another image's content and were dropped")
+    return replace(cached, refs=[cached.refs[i] for i in keep], rows=cached.rows[keep],
+                   keys=[cached.keys[i] for i in keep], unusable=cached.unusable + dropped)
+
+
+def validation_refs(refs, split_file: Path) -> list:
+    """The refs whose content is in a run's validation split (content keys survive renames)."""
+    from asirra.cache import content_key
+    from asirra.images import UnusableImage
+
+    if not Path(split_file).is_file():
+        raise ValueError(f"no split.json at {split_file}: pass a training run folder")
+    keys = set(json.loads(Path(split_file).read_text())["val"])
+    kept = []
+    for ref in refs:
+        try:
+            if content_key(ref.read_bytes()) in keys:
+                kept.append(ref)
+        except (OSError, UnusableImage):
+            continue  # unreadable now: evaluation would skip it anyway
+    return kept
 
 
 def save_split(run: Path, cached, train_idx, val_idx) -> None:
@@ -296,11 +351,15 @@ def prefetch(iterator, depth: int = 3):
         try:
             for item in iterator:
                 q.put(item)
+        except BaseException as exc:  # handed to the consumer: an epoch must not end quietly short
+            q.put(exc)
         finally:
             q.put(done)
 
     threading.Thread(target=worker, daemon=True).start()
     while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
         yield item
 
 
@@ -327,7 +386,8 @@ class PixelTask:
     def _batches(self, order: np.ndarray):
         for start in range(0, len(order), self.config.batch_size):
             chunk = order[start : start + self.config.batch_size]
-            yield self.cached.pixels(np.sort(chunk)), self.labels[np.sort(chunk)]
+            chunk = np.sort(chunk)  # ascending rows read the memmap sequentially
+            yield self.cached.pixels(chunk), self.labels[chunk]
 
     def train_batches(self, epoch):
         rng = np.random.default_rng([self.config.seed, epoch])
@@ -350,10 +410,10 @@ class PixelTask:
         logits = []
         for pixels, _ in prefetch(self._batches(self.val_idx)):
             x = to_float_batch(pixels, self.config.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-                z = self._forward(x).float()
-                if self.config.tta:
-                    z = (z + self._forward(x.flip(3)).float()) / 2
+            # fp32, as served: the temperature and the recorded figures come from these logits.
+            z = self._forward(x).float()
+            if self.config.tta:
+                z = (z + self._forward(x.flip(3)).float()) / 2
             logits.append(z)
         return torch.cat(logits), self.labels[self.val_idx]
 
@@ -403,6 +463,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     cached = PixelCache(image_size_of(config.model), Path(config.cache_dir) if config.cache_dir else None).build(
         refs, workers=config.workers)
     _report_unusable(run, cached.unusable)
+    cached = drop_duplicate_content(cached)
     if resume and (run / "split.json").exists():
         train_idx, val_idx = load_split(run, cached)
     else:
@@ -454,7 +515,9 @@ def finalize(run: Path, task, config: TrainConfig) -> dict:
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+    from scipy.special import expit
+
+    return expit(z)
 
 
 def _report_unusable(run: Path, unusable: list[dict]) -> None:

@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from asirra.augment import random_affine, to_float_batch
-from asirra.cache import PREPROCESS_VERSION, default_cache_dir
+from asirra.cache import PREPROCESS_VERSION, FileLock, default_cache_dir
 from asirra.export import export_onnx, onnx_session, run_onnx, state_fingerprint
+from asirra.fileio import write_json_atomic
 from asirra.models import EffNetLite0, create_model, image_size_of
 
 
@@ -98,7 +99,7 @@ class CachedActivationTask:
         rng = np.random.default_rng([self.config.seed, epoch])
         order = rng.permutation(self.train_idx)
         n_views = self.activations.shape[1]
-        for start in range(0, len(order) - 1, self.config.batch_size):
+        for start in range(0, len(order), self.config.batch_size):
             chunk = np.sort(order[start : start + self.config.batch_size])
             views = rng.integers(0, n_views, len(chunk))
             h = torch.from_numpy(np.asarray(self.activations[chunk, views], dtype=np.float32))
@@ -149,9 +150,15 @@ def cached_activations(net: EffNetLite0, k: int, cached, views: int, config) -> 
     sample = run_onnx(session, cached.pixels([0]))
     shape = (len(cached), views, *sample.shape[1:])
     data_path, progress_path = folder / "activations.npy", folder / "done.json"
-    done = json.loads(progress_path.read_text())["rows"] if progress_path.exists() and data_path.exists() else 0
-    mode = "r+" if done else "w+"
-    store = np.lib.format.open_memmap(data_path, mode=mode, dtype=np.float16, shape=shape)
+    with FileLock(folder / "lock"):  # two runs sharing a backbone fill the cache in turn
+        done = json.loads(progress_path.read_text())["rows"] if progress_path.exists() and data_path.exists() else 0
+        if done < len(cached):
+            _fill(session, cached, data_path, progress_path, done, shape, views, k, config)
+    return np.load(data_path, mmap_mode="r")
+
+
+def _fill(session, cached, data_path, progress_path, done, shape, views, k, config) -> None:
+    store = np.lib.format.open_memmap(data_path, mode="r+" if done else "w+", dtype=np.float16, shape=shape)
     if done < len(cached):
         chunk_size = 64
         bar = tqdm(total=len(cached), initial=done, desc=f"backbone below block {k} ({views} views)", unit="img")
@@ -163,10 +170,9 @@ def cached_activations(net: EffNetLite0, k: int, cached, views: int, config) -> 
                 store[start:stop, v] = run_onnx(session, _view(pixels, v, config, generator))
             store.flush()
             # Progress is recorded only after the rows are on disk, so a killed run resumes exactly here.
-            progress_path.write_text(json.dumps({"rows": stop}))
+            write_json_atomic(progress_path, {"rows": stop})
             bar.update(stop - start)
         bar.close()
-    return np.load(data_path, mmap_mode="r")
 
 
 def activation_cache_folder(net: EffNetLite0, k: int, cached, views: int, config) -> Path:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +22,7 @@ import numpy as np
 from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.captcha.safeguards import NoSafeguard, PartialCredit, Safeguard, TokenBucket, describe
 from asirra.evaluate import sample_subsets, wilson_interval
+from asirra.fileio import write_text_atomic
 
 HUMAN_CHALLENGE_SUCCESS = 0.996  # Elson et al. (2007): humans solve 99.6% of Asirra challenges
 HUMAN_FLOOR = 0.99  # a safeguard must keep humans above this to be recommended
@@ -336,7 +335,7 @@ def _sweep_safeguards(grid: Sequence[Safeguard], recommended: dict | None) -> li
 
 def write_defend(report: DefendReport, out_dir: Path, human_floor: float = HUMAN_FLOOR) -> DefendReport:
     """defend.csv (one row per setting), defend.json (everything) and defend.png, each atomically."""
-    from asirra.evaluate import write_json
+    from asirra.fileio import write_json_atomic
     from asirra.plots import save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,7 +343,7 @@ def write_defend(report: DefendReport, out_dir: Path, human_floor: float = HUMAN
     _write_csv(report.settings, Path(files["csv"]))
     save_figure(plot_defend(report, human_floor), Path(files["png"]))
     report = DefendReport(**{**report.__dict__, "files": files})
-    write_json(report.to_dict(), Path(files["json"]))
+    write_json_atomic(Path(files["json"]), report.to_dict())
     return report
 
 
@@ -353,15 +352,7 @@ def _write_csv(rows: Sequence[dict], out: Path) -> None:
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(out, text.getvalue())
 
 
 FAMILY_COLOURS = {
