@@ -17,6 +17,7 @@ from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from asirra import CAT, CLASS_NAMES, DOG, plots
+from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.fileio import write_json_atomic
 
 # Log loss clips probabilities to [EPS, 1 - EPS]. A float32 sigmoid rounds to exactly 0 or 1 for
@@ -28,9 +29,6 @@ EPS = 1e-6
 # Temperature scaling searches T in this range: a separable validation set drives the NLL-optimal
 # T towards 0 (infinitely sharp), and a useless model drives it towards infinity.
 T_MIN, T_MAX = 0.05, 20.0
-
-CHALLENGE_SIZE = 12  # images per Asirra challenge
-
 
 class InvalidPredictions(ValueError):
     """Labels or probabilities that cannot be evaluated (wrong shape, length, or values)."""

@@ -381,7 +381,14 @@ class PixelTask:
         self.model.train()
 
     def parameter_groups(self, config):
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        head = getattr(self.model, "head", None)
+        if config.strategy != "finetune" or head is None:
+            return [{"params": params}]
+        # Fine-tuning everything: the new head learns at lr, the pretrained backbone more gently.
+        head_ids = {id(p) for p in head.parameters()}
+        return [{"params": [p for p in params if id(p) in head_ids], "lr": config.lr},
+                {"params": [p for p in params if id(p) not in head_ids], "lr": config.lr * config.backbone_lr_scale}]
 
     def _batches(self, order: np.ndarray):
         for start in range(0, len(order), self.config.batch_size):

@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from asirra.captcha.challenge import CHALLENGE_SIZE, Challenge, count_mistakes, draw_challenge
+from asirra.captcha.challenge import CHALLENGE_SIZE, Challenge, count_mistakes, draw_indices
 from asirra.captcha.clients import CookieSigner, RateLimiter, SafeguardStates
 from asirra.captcha.safeguards import Safeguard
 from asirra.images import UnusableImage
@@ -145,7 +145,8 @@ class ChallengeStore:
             mine = self._by_ip.setdefault(ip, OrderedDict())
             while len(mine) >= self._settings.max_per_client:
                 self._close(next(iter(mine)), ApiError(410, "challenge was replaced by a newer one"))
-            challenge = draw_challenge(self._pool, self._rng)
+            # The pool was checked for labels at start-up: draw positions only, no rescan per request.
+            challenge = Challenge(refs=tuple(self._pool[int(i)] for i in draw_indices(len(self._pool), self._rng)))
             tokens = tuple(secrets.token_urlsafe(16) for _ in challenge.refs)
             issued = Issued(secrets.token_urlsafe(16), challenge, ip, now + self._settings.ttl_seconds, tokens)
             self._live[issued.id] = issued
