@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from report import table  # benchmarks/report.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEST = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "test1"
 CHALLENGE_SIZE = 12
@@ -76,9 +78,9 @@ def bench_throughput(classifiers: dict, refs: list, repeats: int) -> tuple[list[
     return rows, predictions
 
 
-ORT_SETTINGS = {  # name -> (intra-op threads, allow spinning); export.onnx_session uses all cores, spinning
-    "all cores, spinning (asirra)": (0, True),
-    "all cores, no spinning": (0, False),
+ORT_SETTINGS = {  # name -> (intra-op threads, allow spinning); export.onnx_session uses all cores, no spinning
+    "all cores, spinning": (0, True),
+    "all cores, no spinning (asirra)": (0, False),
     "1 thread": (1, True),
 }
 
@@ -112,16 +114,6 @@ def agreement(predictions: dict) -> dict:
     diff = np.abs(onnx.p_dog - torch_.p_dog)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "answers_differ": int(((onnx.p_dog < 0.5) != (torch_.p_dog < 0.5)).sum()), "images": len(diff)}
-
-
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, format)."""
-    cells = [[header for _, header, _ in columns]]
-    cells += [[format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main() -> None:

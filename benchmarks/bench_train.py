@@ -45,6 +45,8 @@ from asirra.data import DataError, scan
 from asirra.models import create_model
 from asirra.train import PixelTask, TrainConfig, _train_one_epoch, reuse_freed_memory
 
+from report import table  # benchmarks/report.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
 IMAGE_SIZE = 128
@@ -295,16 +297,6 @@ def bench_memory(args) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------
-
-
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, format)."""
-    cells = [[header for _, header, _ in columns]]
-    cells += [[format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main() -> None:
