@@ -190,8 +190,9 @@ def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, 
 
 def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     if config.schedule == "plateau":
+        # Keras counts patience as the bad epochs that trigger a cut; PyTorch cuts one epoch later.
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr)
+            optimizer, mode="max", factor=config.lr_factor, patience=max(0, config.lr_patience - 1), min_lr=config.min_lr)
     total = config.epochs * steps_per_epoch
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=config.min_lr)
