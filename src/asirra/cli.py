@@ -315,7 +315,7 @@ def _score_captcha_pool(data: Path, model: Optional[str], backend: str, limit: O
 
     from asirra.captcha.simulate import sample_pool
     from asirra.data import scan
-    from asirra.predict import load_classifier, predict_refs
+    from asirra.predict import load_classifier
 
     try:
         refs = sample_pool(scan(data, labelled=True), limit, np.random.default_rng(seed))

@@ -102,7 +102,8 @@ def package_model(model_path: Path, dest: Path) -> Path:
         write_json_atomic(dest / "split.json", {"val": split["val"]})
     for name in ("curves.png",):
         if (run / name).exists():
-            shutil.copyfile(run / name, dest / name)
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(run / name, tmp)
     write_text_atomic(dest / "MODEL_CARD.md", model_card(config, run))
     return dest
 
