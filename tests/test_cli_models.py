@@ -116,6 +116,20 @@ def test_export_writes_model_onnx_beside_the_weights_and_predict_uses_it(model, 
     assert load_classifier(folder).onnx_path() == folder / "model.onnx"
 
 
+def test_export_int8_calibrates_on_a_folder_and_predict_can_use_it(model, labelled, tmp_path, make_image):
+    folder = shutil.copytree(model, tmp_path / "m")
+    photo = make_image(tmp_path / "photo.jpg")
+    assert_one_line_error(run("predict", photo, "--model", folder, "--backend", "onnx-int8"), "no int8 export")
+    assert_one_line_error(run("export", "--model", folder, "--int8"), "--int8 needs --calibration")
+
+    result = run("export", "--model", folder, "--int8", "--calibration", labelled)
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 16 images" in result.output and (folder / "model.int8.onnx").is_file()
+    result = run("predict", photo, "--model", folder, "--backend", "onnx-int8")
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"(cat|dog) [01]\.\d+", result.output.strip().splitlines()[-1])
+
+
 def test_missing_image_or_folder_is_one_error_line(model, tmp_path):
     assert_one_line_error(run("predict", tmp_path / "nowhere.jpg", "--model", model), "nowhere.jpg")
     assert_one_line_error(run("evaluate", tmp_path / "nowhere", "--model", model), "nowhere")

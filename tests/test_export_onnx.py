@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import asirra.export
-from asirra.export import export_onnx, onnx_session, run_onnx, state_fingerprint
+from asirra.export import export_onnx, onnx_session, quantize_beside_weights, run_onnx, state_fingerprint
 from asirra.images import read_pixels
-from asirra.models import create_model
+from asirra.models import create_model, save_model
 from asirra.predict import load_classifier
 from model_support import save_spread_model, varied_images
 
@@ -77,3 +77,26 @@ def test_state_fingerprint_follows_the_weights():
     with torch.no_grad():
         net.classifier[-1].bias += 1e-3
     assert state_fingerprint(net) != before
+
+
+@pytest.mark.slow  # quantizes a whole backbone (~30 s)
+def test_int8_export_tracks_fp32_and_is_used_only_for_the_weights_it_came_from(tmp_path):
+    folder = save_spread_model(tmp_path / "m", "effnet-lite0")
+    with pytest.raises(ValueError, match="no int8 export of this model"):
+        load_classifier(folder, backend="onnx-int8")
+
+    fp32 = load_classifier(folder, backend="onnx")
+    images = varied_images()
+    pixels = fp32.pixels(images)
+    quantize_beside_weights(fp32.model, folder, np.concatenate([pixels] * 4))
+    int8 = load_classifier(folder, backend="onnx-int8")
+    assert int8.onnx_path().name == "model.int8.onnx"
+    z_fp32, z_int8 = fp32.logits(pixels), int8.logits(pixels)
+    assert np.corrcoef(z_fp32, z_int8)[0, 1] > 0.95
+    assert not np.allclose(z_fp32, z_int8, atol=1e-4)  # really the quantized network, not the fp32 one
+
+    with torch.no_grad():
+        fp32.model.head.bias += 1.0  # other weights: the int8 file no longer belongs to them
+    save_model(fp32.model, fp32.config, folder)
+    with pytest.raises(ValueError, match="no int8 export of this model"):
+        load_classifier(folder, backend="onnx-int8")

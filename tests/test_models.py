@@ -122,18 +122,26 @@ def test_effnet_lite0_loads_imagenet_weights_without_network(monkeypatch):
     again = create_model("effnet-lite0")
     random = create_model("effnet-lite0", pretrained=False)
 
-    stem = lambda net: net.stem[0].weight  # noqa: E731
+    stem = lambda net: net.backbone.stem[0].weight  # noqa: E731
     assert torch.equal(stem(pretrained), stem(again))  # the same file, not a random draw
     assert not torch.equal(stem(pretrained), stem(random))
     # ImageNet statistics, not batch norm's defaults of mean 0 / variance 1.
-    assert not torch.allclose(pretrained.stem[1].running_var, torch.ones_like(pretrained.stem[1].running_var))
+    running_var = pretrained.backbone.stem[1].running_var
+    assert not torch.allclose(running_var, torch.ones_like(running_var))
 
 
 def test_features_below_then_from_equals_pooled_features():
-    net = create_model("effnet-lite0", pretrained=False).eval()
+    backbone = create_model("effnet-lite0", pretrained=False).eval().backbone
     x = pixels(2, size=64)  # fully convolutional: a smaller input keeps the test fast
     with torch.no_grad():
-        whole = net.pooled_features(x)
-        assert whole.shape == (2, net.n_features)
-        for k in (0, 1, 8, net.n_blocks):
-            torch.testing.assert_close(net.features_from(net.features_below(x, k), k), whole, msg=f"k={k}")
+        whole = backbone(x)
+        assert whole.shape == (2, backbone.n_features)
+        for k in (0, 1, 8, backbone.n_blocks):
+            torch.testing.assert_close(backbone.features_from(backbone.features_below(x, k), k), whole, msg=f"k={k}")
+
+
+def test_effnet_lite2_is_fed_above_its_training_resolution():
+    net = create_model("effnet-lite2", pretrained=False).eval()
+    assert (net.backbone.variant, net.backbone.size, image_size_of("effnet-lite2")) == ("lite2", 300, 300)
+    with torch.no_grad():
+        assert net(pixels(2, size=300)).shape == (2,)

@@ -69,7 +69,7 @@ def test_linear_strategy_trains_the_head_and_reuses_cached_activations(data, tmp
 
     trained, _ = load_model(first)
     pretrained = create_model("effnet-lite0")
-    assert torch.equal(trained.blocks[15]._project_conv.weight, pretrained.blocks[15]._project_conv.weight)
+    assert torch.equal(trained.backbone.blocks[15]._project_conv.weight, pretrained.backbone.blocks[15]._project_conv.weight)
 
 
 @pytest.mark.slow  # a second backbone export
@@ -80,11 +80,11 @@ def test_finetune_unfreeze_1_trains_the_top_block_with_imagenet_batch_norm_stati
 
     trained, _ = load_model(run)
     pretrained = create_model("effnet-lite0")
-    top, frozen = trained.blocks[15], trained.blocks[14]
-    assert not torch.equal(top._project_conv.weight, pretrained.blocks[15]._project_conv.weight)
-    assert torch.equal(frozen._project_conv.weight, pretrained.blocks[14]._project_conv.weight)
-    assert torch.equal(top._bn2.running_mean, pretrained.blocks[15]._bn2.running_mean)
-    assert torch.equal(top._bn2.running_var, pretrained.blocks[15]._bn2.running_var)
+    top, frozen = trained.backbone.blocks[15], trained.backbone.blocks[14]
+    assert not torch.equal(top._project_conv.weight, pretrained.backbone.blocks[15]._project_conv.weight)
+    assert torch.equal(frozen._project_conv.weight, pretrained.backbone.blocks[14]._project_conv.weight)
+    assert torch.equal(top._bn2.running_mean, pretrained.backbone.blocks[15]._bn2.running_mean)
+    assert torch.equal(top._bn2.running_var, pretrained.backbone.blocks[15]._bn2.running_var)
 
 
 def test_finetune_train_mode_keeps_batch_norm_in_eval_and_freezes_the_lower_blocks():
@@ -99,7 +99,7 @@ def test_finetune_train_mode_keeps_batch_norm_in_eval_and_freezes_the_lower_bloc
     assert batch_norms and not any(m.training for m in batch_norms)
 
     trainable = {name for name, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {name for name, _ in net.named_parameters() if name.startswith(("blocks.15.", "top.", "head."))}
+    assert trainable == {name for name, _ in net.named_parameters() if name.startswith(("backbone.blocks.15.", "backbone.top.", "head."))}
     groups = task.parameter_groups(config)
     assert [g["lr"] for g in groups] == [1e-3, 1e-3 * config.backbone_lr_scale]
     assert groups[0]["params"] == list(net.head.parameters())
@@ -110,3 +110,4 @@ def test_transfer_strategies_refuse_a_network_without_pretrained_weights_or_a_ba
         make_transfer_task(None, None, None, tiny_train_config(".", tmp_path / "r", strategy="linear"))
     with pytest.raises(ValueError, match="--unfreeze must be between 1 and 16"):
         make_transfer_task(None, None, None, transfer_config(".", tmp_path / "r", strategy="finetune", unfreeze=17))
+

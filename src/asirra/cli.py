@@ -98,7 +98,7 @@ def download_command(
 # ---- section: models, training, evaluation, prediction -----------------------------------
 
 MODEL_HELP = "Run folder or model file (default: the model shipped with asirra)."
-BACKEND_HELP = "Inference engine: onnx (fast) or torch."
+BACKEND_HELP = "Inference engine: onnx (fast, equals torch), onnx-int8 (fastest; needs `asirra export --int8`) or torch."
 
 
 def _classifier(model: Optional[str], backend: str, tta: Optional[bool] = None):
@@ -114,7 +114,7 @@ def _classifier(model: Optional[str], backend: str, tta: Optional[bool] = None):
 def train_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled images (default: the --data lookup, its train/)."),
     out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: config, metrics, plots, checkpoints, model."),
-    model: str = typer.Option("seed-cnn", "--model", help="seed-cnn or effnet-lite0."),
+    model: str = typer.Option("seed-cnn", "--model", help="seed-cnn (from scratch), effnet-lite0 or effnet-lite2 (ImageNet-pretrained)."),
     strategy: str = typer.Option("scratch", "--strategy", help="scratch, linear (frozen backbone) or finetune."),
     epochs: int = typer.Option(30, min=1),
     batch_size: int = typer.Option(64, min=2),
@@ -251,25 +251,55 @@ def predict_command(
 def export_command(
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write model.onnx beside the weights."),
+    int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static int8; needs --calibration)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Images whose activation ranges set the int8 scales."),
     package: bool = typer.Option(False, "--package", help="Install the model as the package's default (fp16)."),
 ) -> None:
-    """Export a model to ONNX, or make it the default model shipped in the package."""
-    from asirra.export import export_beside_weights
+    """Export a model to ONNX (fp32, optionally int8), or make it the default model shipped in the package."""
+    from asirra.export import export_beside_weights, quantize_beside_weights
     from asirra.models import load_model, resolve_model_folder
 
+    if int8 and calibration is None:
+        fail("--int8 needs --calibration: a folder of typical images (a few hundred are sampled)")
     try:
         folder = resolve_model_folder(model) if model else None
-        net, config = load_model(folder) if folder else load_model(_default_model_dir())
+        if package:
+            from asirra.export import package_model
+            from asirra.predict import DEFAULT_MODEL_DIR
+
+            folder = package_model(folder or _default_model_dir(), DEFAULT_MODEL_DIR)
+            typer.echo(f"default model -> {folder}")
+        folder = folder or _default_model_dir()
+        net, config = load_model(folder)
+        if onnx or int8:
+            typer.echo(f"onnx -> {export_beside_weights(net, folder, config.image_size)}")
+        if int8:
+            pixels = calibration_pixels(calibration, config.image_size)
+            typer.echo(f"onnx-int8 -> {quantize_beside_weights(net, folder, pixels)} (calibrated on {len(pixels)} images)")
     except ValueError as exc:
         fail(str(exc))
-    if package:
-        from asirra.export import package_model
-        from asirra.predict import DEFAULT_MODEL_DIR
 
-        typer.echo(f"default model -> {package_model(folder or _default_model_dir(), DEFAULT_MODEL_DIR)}")
-    elif onnx:
-        path = export_beside_weights(net, folder or _default_model_dir(), config.image_size)
-        typer.echo(f"onnx -> {path}")
+
+def calibration_pixels(folder: Path, image_size: int, n: int = 256, seed: int = 0):
+    """A seeded sample of n readable images from `folder` as uint8 pixels; unreadable ones are skipped."""
+    import numpy as np
+
+    from asirra.data import scan
+    from asirra.images import UnusableImage, read_pixels
+
+    refs = scan(folder)
+    order = np.random.default_rng(seed).permutation(len(refs))
+    pixels = []
+    for i in order:
+        try:
+            pixels.append(read_pixels(refs[i].read_bytes(), image_size))
+        except (OSError, UnusableImage):
+            continue
+        if len(pixels) == n:
+            break
+    if not pixels:
+        raise ValueError(f"no readable images in {folder} to calibrate int8 with")
+    return np.stack(pixels)
 
 
 def _default_model_dir() -> Path:

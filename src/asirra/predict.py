@@ -22,7 +22,7 @@ from asirra.fileio import atomic_path
 from asirra.models import ModelConfig, load_model, resolve_model_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
-BACKENDS = ("onnx", "torch")
+BACKENDS = ("onnx", "onnx-int8", "torch")
 
 
 def default_model_path() -> Path:
@@ -44,7 +44,7 @@ class Classifier:
         self.name = config.name
         self.image_size = config.image_size
         self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
-        self._session = self._onnx_session() if backend == "onnx" else None
+        self._session = self._onnx_session() if backend.startswith("onnx") else None
 
     # -- pixels in, logits out ---------------------------------------------------------------
 
@@ -102,12 +102,18 @@ class Classifier:
         return onnx_session(self.onnx_path())
 
     def onnx_path(self) -> Path:
-        """The model's ONNX file: model.onnx beside the weights if exported from them, else one cached per weights."""
+        """The model's ONNX file: the export beside the weights if made from them, else one cached per weights.
+
+        An int8 file needs calibration images, so it is never made on the fly: `asirra export --int8`.
+        """
         from asirra.export import export_onnx, onnx_beside_weights, state_fingerprint
 
-        exported = onnx_beside_weights(self.model, self.folder)
+        exported = onnx_beside_weights(self.model, self.folder, self.backend)
         if exported is not None:
             return exported
+        if self.backend == "onnx-int8":
+            raise ValueError(f"no int8 export of this model in {self.folder}; make one with "
+                             "`asirra export --model FOLDER --int8 --calibration IMAGES`")
         path = default_cache_dir() / "onnx" / f"{self.name}-{state_fingerprint(self.model)}.onnx"
         if not path.exists():
             export_onnx(self.model, path, self.image_size, output_name="logit")

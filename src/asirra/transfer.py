@@ -26,34 +26,35 @@ from asirra.augment import random_affine, to_float_batch
 from asirra.cache import PREPROCESS_VERSION, FileLock, default_cache_dir
 from asirra.export import export_onnx, onnx_session, run_onnx, state_fingerprint
 from asirra.fileio import write_json_atomic
-from asirra.models import EffNetLite0, create_model, image_size_of
+from asirra.models import LiteBackbone, PretrainedClassifier, create_model, image_size_of, pretrained_models
 
 
-class FrozenPart(torch.nn.Module):
-    """The backbone below block k (k = n_blocks: everything up to the pooled features).
+class BelowBlock(torch.nn.Module):
+    """A backbone's stem and blocks[:k]: the frozen part when the top blocks fine-tune."""
 
-    Holds only the frozen modules, so its fingerprint (the activation cache's key) and its ONNX
-    export do not depend on the trainable top or the randomly initialised head.
-    """
-
-    def __init__(self, net: EffNetLite0, k: int):
+    def __init__(self, backbone: LiteBackbone, k: int):
         super().__init__()
-        self.pooled = k >= net.n_blocks
-        self.stem, self.blocks = net.stem, net.blocks[:k]
-        self.top = net.top if self.pooled else torch.nn.Identity()
-        self.normalise = net.normalise
+        self.backbone_parts = torch.nn.ModuleList([backbone.stem, backbone.blocks[:k]])
+        self.backbone, self.k = [backbone], k  # a list: only the frozen modules are registered (and fingerprinted)
 
     def forward(self, x):
-        h = self.stem(self.normalise(x))
-        for block in self.blocks:
-            h = block(h)
-        return self.top(h).mean((2, 3)) if self.pooled else h
+        return self.backbone[0].features_below(x, self.k)
+
+
+def frozen_part(net: PretrainedClassifier, k: int | None) -> torch.nn.Module:
+    """What never changes during training: the whole backbone (k None), or the part below block k.
+
+    Holds only frozen modules, so its fingerprint (the activation cache's key) and its ONNX
+    export do not depend on the trainable top or the randomly initialised head.
+    """
+    return net.backbone if k is None else BelowBlock(net.backbone, k)
 
 
 class CachedActivationTask:
     """Train the top of the backbone (or only the head) on cached activations of the frozen part."""
 
-    def __init__(self, net: EffNetLite0, k: int, activations: np.ndarray, labels, train_idx, val_idx, config):
+    def __init__(self, net: PretrainedClassifier, k: int | None, activations: np.ndarray, labels, train_idx, val_idx,
+                 config):
         self.model, self.k, self.config = net, k, config
         self.activations = activations  # (n, views, ...) fp16 memmap
         self.labels = torch.as_tensor(labels)
@@ -64,9 +65,10 @@ class CachedActivationTask:
             p.requires_grad_(True)
 
     def _trainable_modules(self) -> torch.nn.ModuleList:
-        if self.k >= self.model.n_blocks:
+        if self.k is None:
             return torch.nn.ModuleList([self.model.head])
-        return torch.nn.ModuleList([*self.model.blocks[self.k :], self.model.top, self.model.head])
+        backbone = self.model.backbone
+        return torch.nn.ModuleList([*backbone.blocks[self.k :], backbone.top, self.model.head])
 
     def parameter_groups(self, config):
         head = list(self.model.head.parameters())
@@ -88,8 +90,8 @@ class CachedActivationTask:
                 module.eval()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.k < self.model.n_blocks:
-            h = self.model.features_from(h, self.k)
+        if self.k is not None:
+            h = self.model.backbone.features_from(h, self.k)
         return self.model.head(h).squeeze(1)
 
     def train_step_logits(self, inputs):
@@ -121,15 +123,17 @@ class CachedActivationTask:
 def make_transfer_task(cached, train_idx, val_idx, config):
     from asirra.train import PixelTask
 
-    if config.model != "effnet-lite0":
-        raise ValueError(f"strategy {config.strategy!r} needs a pretrained backbone (effnet-lite0), not {config.model}")
     net = create_model(config.model, pretrained=True)
+    if not isinstance(net, PretrainedClassifier):
+        raise ValueError(f"strategy {config.strategy!r} needs a pretrained backbone ({', '.join(pretrained_models())}), "
+                         f"not {config.model}")
     if config.strategy == "linear":
-        k = net.n_blocks
+        k = None
     elif config.strategy == "finetune":
-        if not 1 <= config.unfreeze <= net.n_blocks:
-            raise ValueError(f"--unfreeze must be between 1 and {net.n_blocks}, got {config.unfreeze}")
-        k = net.n_blocks - config.unfreeze
+        n_blocks = net.backbone.n_blocks
+        if not 1 <= config.unfreeze <= n_blocks:
+            raise ValueError(f"--unfreeze must be between 1 and {n_blocks}, got {config.unfreeze}")
+        k = n_blocks - config.unfreeze
         if k == 0:
             return PixelTask(net, cached, train_idx, val_idx, config)
     else:
@@ -138,13 +142,13 @@ def make_transfer_task(cached, train_idx, val_idx, config):
     return CachedActivationTask(net, k, activations, cached.labels, train_idx, val_idx, config)
 
 
-def cached_activations(net: EffNetLite0, k: int, cached, views: int, config) -> np.ndarray:
+def cached_activations(net: PretrainedClassifier, k: int | None, cached, views: int, config) -> np.ndarray:
     """(n, views, ...) fp16 outputs of the frozen part for every cached image; resumable."""
     folder = activation_cache_folder(net, k, cached, views, config)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / "frozen.onnx"
     if not onnx_path.exists():
-        export_onnx(FrozenPart(net, k), onnx_path, image_size_of(config.model))
+        export_onnx(frozen_part(net, k), onnx_path, image_size_of(config.model))
     session = onnx_session(onnx_path)
 
     sample = run_onnx(session, cached.pixels([0]))
@@ -161,7 +165,7 @@ def _fill(session, cached, data_path, progress_path, done, shape, views, k, conf
     store = np.lib.format.open_memmap(data_path, mode="r+" if done else "w+", dtype=np.float16, shape=shape)
     if done < len(cached):
         chunk_size = 64
-        bar = tqdm(total=len(cached), initial=done, desc=f"backbone below block {k} ({views} views)", unit="img")
+        bar = tqdm(total=len(cached), initial=done, desc=f"backbone {'features' if k is None else f'below block {k}'} ({views} views)", unit="img")
         for start in range(done, len(cached), chunk_size):
             stop = min(start + chunk_size, len(cached))
             pixels = cached.pixels(np.arange(start, stop))
@@ -175,12 +179,12 @@ def _fill(session, cached, data_path, progress_path, done, shape, views, k, conf
         bar.close()
 
 
-def activation_cache_folder(net: EffNetLite0, k: int, cached, views: int, config) -> Path:
+def activation_cache_folder(net: PretrainedClassifier, k: int | None, cached, views: int, config) -> Path:
     """Keyed by everything the cached numbers depend on: recipe, frozen weights, image contents."""
     root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     key = hashlib.blake2b(digest_size=10)
     key.update(json.dumps([PREPROCESS_VERSION, k, views, config.seed, vars(config.augment) if config.augment else None]).encode())
-    key.update(state_fingerprint(FrozenPart(net, k)).encode())
+    key.update(state_fingerprint(frozen_part(net, k)).encode())
     key.update("".join(cached.keys).encode())
     return root / "activations" / key.hexdigest()
 
