@@ -31,7 +31,7 @@ model: $(STAMP)
 	rm -rf runs/default-model
 	$(BIN)/asirra train --model effnet-lite2 --strategy linear --views 1 --epochs 30 --lr 1e-3 --schedule cosine \
 		--weight-decay 1e-4 --seed 0 --data $(DATA)/train --out runs/default-model
-	$(BIN)/asirra export --model runs/default-model --package --int8 --calibration $(DATA)/train
+	$(BIN)/asirra export --model runs/default-model --package --int8 --calibration $(DATA)/test1
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py --data $(DATA)/train

@@ -1,11 +1,14 @@
 """ONNX export: ONNX Runtime and PyTorch give the same probabilities; exports are cached per weights."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file as load_numpy
 
 import asirra.export
-from asirra.export import export_onnx, onnx_session, quantize_beside_weights, run_onnx, state_fingerprint
+from asirra.export import export_onnx, onnx_session, package_model, quantize_beside_weights, run_onnx, state_fingerprint
 from asirra.images import read_pixels
 from asirra.models import create_model, save_model
 from asirra.predict import load_classifier
@@ -100,3 +103,23 @@ def test_int8_export_tracks_fp32_and_is_used_only_for_the_weights_it_came_from(t
     save_model(fp32.model, fp32.config, folder)
     with pytest.raises(ValueError, match="no int8 export of this model"):
         load_classifier(folder, backend="onnx-int8")
+
+
+def test_packaging_writes_fp16_weights_val_keys_card_and_a_fresh_int8_export(tmp_path):
+    run = tmp_path / "run"
+    folder = save_spread_model(run / "model")
+    (run / "split.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "val_names": ["cat.1.jpg"]}))
+    calibration = load_classifier(folder).pixels(varied_images())
+
+    dest = package_model(folder, tmp_path / "weights", calibration=calibration)
+    assert json.loads((dest / "split.json").read_text()) == {"val": ["b"]}  # no training keys shipped
+    assert all(t.dtype == np.float16 for t in load_numpy(dest / "model.safetensors").values() if t.dtype.kind == "f"
+               and t.ndim > 1)
+    assert "`model.int8.onnx` beside them (static int8, activation ranges from 7 calibration images)" in (
+        dest / "MODEL_CARD.md").read_text()
+    assert load_classifier(dest, backend="onnx-int8").onnx_path() == dest / "model.int8.onnx"
+
+    package_model(folder, dest)  # again without calibration: no int8 file of the previous packaging survives
+    assert not (dest / "model.int8.onnx").exists() and "int8" not in (dest / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="already the packaged model"):
+        package_model(dest, dest)

@@ -145,3 +145,17 @@ def test_effnet_lite2_is_fed_above_its_training_resolution():
     assert (net.backbone.variant, net.backbone.size, image_size_of("effnet-lite2")) == ("lite2", 300, 300)
     with torch.no_grad():
         assert net(pixels(2, size=300)).shape == (2,)
+
+
+def test_effnet_weights_saved_before_the_backbone_module_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    net = create_model("effnet-lite0", pretrained=False).eval()
+    old_names = {k.removeprefix("backbone."): v.contiguous() for k, v in net.state_dict().items()}
+    save_model(net, ModelConfig("effnet-lite0", 224), tmp_path / "m")
+    save_file(old_names, str(tmp_path / "m" / WEIGHTS_FILE))  # the layout asirra wrote before
+
+    loaded, _ = load_model(tmp_path / "m")
+    x = pixels(1, size=64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))

@@ -120,7 +120,7 @@ def train_command(
     batch_size: int = typer.Option(64, min=2),
     lr: float = typer.Option(1e-3, help="Learning rate (the head's, for transfer strategies)."),
     weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
-    unfreeze: int = typer.Option(1, help="finetune: top blocks of the backbone that train (16 = all)."),
+    unfreeze: int = typer.Option(1, help="finetune: top blocks of the backbone that train (all: 16 for lite0, 21 for lite2)."),
     views: int = typer.Option(2, help="transfer: cached views per image (original, mirror, random warps)."),
     schedule: str = typer.Option("plateau", help="plateau (on val accuracy), cosine or onecycle."),
     label_smoothing: float = typer.Option(0.0),
@@ -251,55 +251,31 @@ def predict_command(
 def export_command(
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write model.onnx beside the weights."),
-    int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static int8; needs --calibration)."),
+    int8: bool = typer.Option(False, "--int8", help="Write model.int8.onnx (static int8, made from model.onnx; needs --calibration)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Images whose activation ranges set the int8 scales."),
-    package: bool = typer.Option(False, "--package", help="Install the model as the package's default (fp16)."),
+    package: bool = typer.Option(False, "--package", help="Install the model as the package's default (fp16, with --int8 its int8 export)."),
 ) -> None:
     """Export a model to ONNX (fp32, optionally int8), or make it the default model shipped in the package."""
-    from asirra.export import export_beside_weights, quantize_beside_weights
+    from asirra.export import calibration_pixels, export_beside_weights, package_model, quantize_beside_weights
     from asirra.models import load_model, resolve_model_folder
+    from asirra.predict import DEFAULT_MODEL_DIR
 
     if int8 and calibration is None:
         fail("--int8 needs --calibration: a folder of typical images (a few hundred are sampled)")
     try:
-        folder = resolve_model_folder(model) if model else None
-        if package:
-            from asirra.export import package_model
-            from asirra.predict import DEFAULT_MODEL_DIR
-
-            folder = package_model(folder or _default_model_dir(), DEFAULT_MODEL_DIR)
-            typer.echo(f"default model -> {folder}")
-        folder = folder or _default_model_dir()
+        folder = resolve_model_folder(model) if model else _default_model_dir()
         net, config = load_model(folder)
-        if onnx or int8:
+        # Read before anything is written: a bad calibration folder must not leave a half-made export.
+        pixels = calibration_pixels(calibration, config.image_size) if int8 else None
+        if package:
+            typer.echo(f"default model -> {package_model(folder, DEFAULT_MODEL_DIR, calibration=pixels)}")
+            return
+        if onnx:
             typer.echo(f"onnx -> {export_beside_weights(net, folder, config.image_size)}")
-        if int8:
-            pixels = calibration_pixels(calibration, config.image_size)
+        if pixels is not None:
             typer.echo(f"onnx-int8 -> {quantize_beside_weights(net, folder, pixels)} (calibrated on {len(pixels)} images)")
     except ValueError as exc:
         fail(str(exc))
-
-
-def calibration_pixels(folder: Path, image_size: int, n: int = 256, seed: int = 0):
-    """A seeded sample of n readable images from `folder` as uint8 pixels; unreadable ones are skipped."""
-    import numpy as np
-
-    from asirra.data import scan
-    from asirra.images import UnusableImage, read_pixels
-
-    refs = scan(folder)
-    order = np.random.default_rng(seed).permutation(len(refs))
-    pixels = []
-    for i in order:
-        try:
-            pixels.append(read_pixels(refs[i].read_bytes(), image_size))
-        except (OSError, UnusableImage):
-            continue
-        if len(pixels) == n:
-            break
-    if not pixels:
-        raise ValueError(f"no readable images in {folder} to calibrate int8 with")
-    return np.stack(pixels)
 
 
 def _default_model_dir() -> Path:
@@ -481,8 +457,6 @@ def captcha_attack(
     from asirra.captcha.attack import attack, check_settings
     from asirra.predict import load_classifier
 
-    if backend not in ("onnx", "torch"):
-        fail(f"unknown backend {backend!r}; choose onnx or torch")
     try:
         check_settings(url, challenges, concurrency)
         classifier = load_classifier(model, backend=backend)

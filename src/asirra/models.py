@@ -135,8 +135,9 @@ class LiteBackbone(nn.Module):
         if variant not in LITE_SIZES:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; available: {', '.join(LITE_SIZES)}")
         self.variant = variant
-        self.size = size or LITE_SIZES[variant]  # the input resolution it is fed (convolutions take any)
-        net = EfficientNet.from_name(f"efficientnet-{variant}")
+        self.size = size or LITE_SIZES[variant]
+        # TensorFlow "same" padding is fixed per input size here: build it for the size fed, not the native one.
+        net = EfficientNet.from_name(f"efficientnet-{variant}", image_size=self.size)
         if pretrained:
             net.load_state_dict(torch.load(_lite_weights_file(variant), map_location="cpu", weights_only=True))
         # Drop-connect is the package's default; with few trainable blocks it only adds noise.
@@ -191,9 +192,16 @@ class PretrainedClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.n_features, 1)
+        self.register_load_state_dict_pre_hook(_accept_names_before_backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x)).squeeze(1)
+
+
+def _accept_names_before_backbone(module, state_dict, prefix, *args) -> None:
+    # Models saved before the backbone had its own module named its parts stem.*, blocks.*, top.*.
+    for key in [k for k in state_dict if k.startswith(tuple(f"{prefix}{part}." for part in ("stem", "blocks", "top")))]:
+        state_dict[f"{prefix}backbone.{key[len(prefix):]}"] = state_dict.pop(key)
 
 
 @register("effnet-lite0", image_size=LITE_SIZES["lite0"], pretrained=True)

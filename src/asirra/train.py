@@ -3,7 +3,7 @@
 `fit` is the only training loop (nanoGPT-style: read it top to bottom). What differs between
 strategies is a `Task`: how a batch is drawn and pushed through the trainable part of the model.
 
-- scratch: a network trained on augmented pixels (seed-cnn, or effnet-lite0 with everything unfrozen);
+- scratch: a network trained on augmented pixels (seed-cnn, or a pretrained one with every block unfrozen);
 - linear / finetune (transfer.py): an ImageNet backbone whose frozen part runs once, its outputs
   cached, so an epoch costs only the trainable top.
 
@@ -57,7 +57,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     min_lr: float = 1e-5
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
-    unfreeze: int = 1  # finetune: how many top blocks of the backbone train (16 = all)
+    unfreeze: int = 1  # finetune: how many top blocks of the backbone train (all: 16 for lite0, 21 for lite2)
     views: int = 2  # transfer: cached views per image (original, mirror, then random augmentations)
     tta: bool = False  # validate (and predict) on the mean of original and mirrored logits
     limit: int | None = None  # stratified subset of the data, for quick runs
@@ -123,7 +123,10 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False) -> dic
     if resume and checkpoint.exists():
         # weights_only: a checkpoint is tensors and plain containers; nothing executable is unpickled.
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        task.model.load_state_dict(saved["model"])
+        try:
+            task.model.load_state_dict(saved["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"{checkpoint} does not fit {config.model} ({str(exc).splitlines()[0]})") from None
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]

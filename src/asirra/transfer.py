@@ -7,7 +7,7 @@ is computed once and cached on disk (fp16, memory-mapped):
 - finetune --unfreeze K: activations below the top K blocks; an epoch trains K blocks + head.
   Augmentation then happens before the cache: each image is cached in `views` versions
   (original, mirror, then random affine warps of the training recipe) and every epoch draws one.
-- finetune --unfreeze 16: everything trains on freshly augmented pixels (no cache; slow on CPU).
+- finetune with every block unfrozen: everything trains on freshly augmented pixels (no cache; slow on CPU).
 
 The frozen part runs in ONNX Runtime, several times faster than eager PyTorch here.
 """
