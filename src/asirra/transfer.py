@@ -34,11 +34,13 @@ class BelowBlock(torch.nn.Module):
 
     def __init__(self, backbone: LiteBackbone, k: int):
         super().__init__()
-        self.backbone_parts = torch.nn.ModuleList([backbone.stem, backbone.blocks[:k]])
-        self.backbone, self.k = [backbone], k  # a list: only the frozen modules are registered (and fingerprinted)
+        self.stem, self.blocks, self.normalise = backbone.stem, backbone.blocks[:k], backbone.normalise
 
     def forward(self, x):
-        return self.backbone[0].features_below(x, self.k)
+        h = self.stem(self.normalise(x))
+        for block in self.blocks:
+            h = block(h)
+        return h
 
 
 def frozen_part(net: PretrainedClassifier, k: int | None) -> torch.nn.Module:
@@ -71,12 +73,10 @@ class CachedActivationTask:
         return torch.nn.ModuleList([*backbone.blocks[self.k :], backbone.top, self.model.head])
 
     def parameter_groups(self, config):
-        head = list(self.model.head.parameters())
-        backbone = [p for p in self._trainable_modules().parameters() if p.requires_grad and all(p is not h for h in head)]
-        groups = [{"params": head, "lr": config.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_scale})
-        return groups
+        from asirra.train import head_and_backbone_groups
+
+        params = [p for p in self._trainable_modules().parameters() if p.requires_grad]
+        return head_and_backbone_groups(params, self.model.head, config)
 
     def n_train(self) -> int:
         return len(self.train_idx)
@@ -163,20 +163,20 @@ def cached_activations(net: PretrainedClassifier, k: int | None, cached, views: 
 
 def _fill(session, cached, data_path, progress_path, done, shape, views, k, config) -> None:
     store = np.lib.format.open_memmap(data_path, mode="r+" if done else "w+", dtype=np.float16, shape=shape)
-    if done < len(cached):
-        chunk_size = 64
-        bar = tqdm(total=len(cached), initial=done, desc=f"backbone {'features' if k is None else f'below block {k}'} ({views} views)", unit="img")
-        for start in range(done, len(cached), chunk_size):
-            stop = min(start + chunk_size, len(cached))
-            pixels = cached.pixels(np.arange(start, stop))
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)  # same views after a resume
-            for v in range(views):
-                store[start:stop, v] = run_onnx(session, _view(pixels, v, config, generator))
-            store.flush()
-            # Progress is recorded only after the rows are on disk, so a killed run resumes exactly here.
-            write_json_atomic(progress_path, {"rows": stop})
-            bar.update(stop - start)
-        bar.close()
+    chunk_size = 64
+    what = "features" if k is None else f"below block {k}"
+    bar = tqdm(total=len(cached), initial=done, desc=f"backbone {what} ({views} views)", unit="img")
+    for start in range(done, len(cached), chunk_size):
+        stop = min(start + chunk_size, len(cached))
+        pixels = cached.pixels(np.arange(start, stop))
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)  # same views after a resume
+        for v in range(views):
+            store[start:stop, v] = run_onnx(session, _view(pixels, v, config, generator))
+        store.flush()
+        # Progress is recorded only after the rows are on disk, so a killed run resumes exactly here.
+        write_json_atomic(progress_path, {"rows": stop})
+        bar.update(stop - start)
+    bar.close()
 
 
 def activation_cache_folder(net: PretrainedClassifier, k: int | None, cached, views: int, config) -> Path:
