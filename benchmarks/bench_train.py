@@ -43,7 +43,9 @@ import torch
 from asirra.cache import PixelCache
 from asirra.data import DataError, scan
 from asirra.models import create_model
-from asirra.train import PixelTask, TrainConfig, _train_one_epoch, reuse_freed_memory
+from asirra.config import TrainConfig
+from asirra.tasks import PixelTask
+from asirra.train import _train_one_epoch, reuse_freed_memory
 
 from report import table  # benchmarks/report.py, beside this script
 

@@ -35,7 +35,7 @@ def write_pattern_dataset(folder: Path, per_class: int = 40, size=(64, 56), firs
 
 def tiny_train_config(data: Path, out: Path, **overrides):
     """A TrainConfig sized for a test: small batches, few epochs, no compile, one worker thread."""
-    from asirra.train import TrainConfig
+    from asirra.config import TrainConfig
 
     settings = dict(data=str(data), out=str(out), model="seed-cnn", epochs=1, batch_size=16, workers=1,
                     cache_dir=str(out.parent / "cache"), bf16=False)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from asirra.augment import AugmentConfig, random_affine, to_float_batch
+from asirra.augment import random_affine, to_float_batch
+from asirra.config import AugmentConfig
 
 STILL = AugmentConfig(rotation_deg=0.0, shear=0.0, zoom=0.0, shift=0.0, hflip=False)
 

@@ -11,7 +11,7 @@ from asirra.cache import content_key
 from asirra.cli import app
 from asirra.data import scan
 from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, predict_refs
-from asirra.train import stratified_subset
+from asirra.splits import stratified_subset
 
 pytestmark = pytest.mark.slow
 

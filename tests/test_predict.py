@@ -2,6 +2,8 @@
 
 import csv
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from PIL import Image
 import asirra
 import asirra.predict
 from asirra.data import scan
-from asirra.evaluate import fit_temperature, log_loss
+from asirra.calibration import fit_temperature
+from asirra.evaluate import log_loss
 from asirra.images import UnusableImage
 from asirra.models import load_model, save_model
 from asirra.predict import SUBMISSION_CLIP, Classifier, load_classifier, predict_refs, write_submission
@@ -103,6 +106,54 @@ def test_bad_backend_or_missing_default_model_is_a_value_error(model_folder, tmp
     monkeypatch.setattr(asirra.predict, "DEFAULT_MODEL_DIR", tmp_path / "no-weights")
     with pytest.raises(ValueError, match="default model is missing"):
         load_classifier(None)
+
+
+def test_auto_backend_is_the_int8_export_only_when_one_was_made_from_these_weights(model_folder, tmp_path):
+    from asirra.export import ONNX_FILES, state_fingerprint
+    from asirra.predict import resolve_backend
+
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    net, _ = load_model(folder)
+    assert resolve_backend("auto", net, folder) == "onnx"  # no int8 export
+    int8 = folder / ONNX_FILES["onnx-int8"]
+    int8.write_bytes(b"stand-in: resolving never opens it")
+    Path(f"{int8}.weights").write_text("made from other weights")
+    assert resolve_backend("auto", net, folder) == "onnx"  # a stale export is never used
+    Path(f"{int8}.weights").write_text(state_fingerprint(net))
+    assert resolve_backend("auto", net, folder) == "onnx-int8"
+    assert resolve_backend("auto", net, None) == "onnx"
+    assert [resolve_backend(name, net, folder) for name in ("onnx", "onnx-int8", "torch")] == ["onnx", "onnx-int8", "torch"]
+
+
+def test_every_entry_point_defaults_to_the_one_backend_rule():
+    import inspect
+
+    import typer.main
+
+    from asirra.cli import app
+    from asirra.config import DEFAULT_BACKEND
+    from asirra.demo import run_demo
+
+    assert DEFAULT_BACKEND == "auto"
+    for function in (asirra.solve, load_classifier, Classifier, run_demo):
+        assert inspect.signature(function).parameters["backend"].default == DEFAULT_BACKEND, function
+
+    def commands(group, prefix=()):
+        for name, command in group.commands.items():
+            yield from commands(command, (*prefix, name)) if hasattr(command, "commands") else [((*prefix, name), command)]
+
+    defaults = {" ".join(name): param.default for name, command in commands(typer.main.get_command(app))
+                for param in command.params if param.name == "backend"}
+    assert {"evaluate", "predict", "demo", "attack", "captcha simulate", "captcha defend"} <= set(defaults)
+    assert set(defaults.values()) == {DEFAULT_BACKEND}
+
+
+def test_the_shipped_model_runs_its_int8_export_by_default():
+    try:
+        clf = load_classifier(None)
+    except ValueError as exc:
+        pytest.skip(f"no default model: {exc}")
+    assert clf.backend == "onnx-int8" and clf.onnx_path().name == "model.int8.onnx"
 
 
 def test_predict_refs_skips_and_reports_unreadable_files(clf, tmp_path, make_image):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from asirra.models import load_model
-from asirra.train import TrainConfig, stratified_split, stratified_subset, train
+from asirra.config import TrainConfig
+from asirra.splits import stratified_split, stratified_subset
+from asirra.train import train
 from model_support import tiny_train_config, write_pattern_dataset
 
 RUN_FILES = {"config.json", "env.json", "split.json", "metrics.csv", "curves.png", "checkpoint.pt", "model",
@@ -159,3 +161,35 @@ def test_seed_cnn_learns_two_patterns_per_class(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["n"] == 16
     assert metrics["val"]["accuracy"] > 0.9
+
+
+def test_train_config_file_reproduces_a_run_and_command_line_options_override_it(first_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from asirra.cli import app
+
+    again = tmp_path / "again"
+    result = CliRunner().invoke(app, ["train", "--config", str(first_run / "config.json"), "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    saved, reproduced = (json.loads((run / "config.json").read_text()) for run in (first_run, again))
+    assert {k for k in saved if saved[k] != reproduced[k]} == {"out"}
+    # Same data, split, seed and settings: the same first epoch, to the printed digit.
+    assert metrics_rows(again)[0]["train_loss"] == metrics_rows(first_run)[0]["train_loss"]
+
+    longer = CliRunner().invoke(app, ["train", "--config", str(first_run / "config.json"), "--out", str(tmp_path / "b"),
+                                      "--epochs", "2", "--image-size", "64"])
+    assert longer.exit_code == 0, longer.output
+    changed = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (changed["epochs"], changed["image_size"], changed["batch_size"]) == (2, 64, saved["batch_size"])
+    assert json.loads((tmp_path / "b" / "model" / "model.json").read_text())["image_size"] == 64
+
+
+def test_seed_cnn_architecture_options_reach_the_saved_model(data, tmp_path):
+    from asirra.models import load_model
+
+    run = train(tiny_train_config(data, tmp_path / "run", epochs=1, batch_size=8, image_size=64,
+                                  model_options={"widths": [8, 16], "dense": 32, "batch_norm": False}))
+    net, config = load_model(run)
+    assert config.image_size == 64 and config.options == {"widths": [8, 16], "dense": 32, "batch_norm": False}
+    assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == [8, 16]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())

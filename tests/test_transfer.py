@@ -10,7 +10,7 @@ import torch
 import asirra.transfer
 from asirra.models import create_model, load_model
 from asirra.train import train
-from asirra.transfer import CachedActivationTask, make_transfer_task
+from asirra.tasks import CachedActivationTask, make_task
 from model_support import tiny_train_config, write_pattern_dataset
 
 
@@ -107,7 +107,7 @@ def test_finetune_train_mode_keeps_batch_norm_in_eval_and_freezes_the_lower_bloc
 
 def test_transfer_strategies_refuse_a_network_without_pretrained_weights_or_a_bad_unfreeze(tmp_path):
     with pytest.raises(ValueError, match="needs a pretrained backbone"):
-        make_transfer_task(None, None, None, tiny_train_config(".", tmp_path / "r", strategy="linear"))
+        make_task(None, None, None, tiny_train_config(".", tmp_path / "r", strategy="linear"))
     with pytest.raises(ValueError, match="--unfreeze must be between 1 and 16"):
-        make_transfer_task(None, None, None, transfer_config(".", tmp_path / "r", strategy="finetune", unfreeze=17))
+        make_task(None, None, None, transfer_config(".", tmp_path / "r", strategy="finetune", unfreeze=17))
 

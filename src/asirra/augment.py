@@ -7,19 +7,11 @@ PIL transforms would cost more than the network on 2 cores.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentConfig:
-    rotation_deg: float = 15.0
-    shear: float = 0.1  # shear angle in radians (Keras' shear_range of 0.1 is in degrees; the notebook meant visible shear)
-    zoom: float = 0.2  # scale drawn from [1 - zoom, 1 + zoom]
-    shift: float = 0.1  # fraction of width / height
-    hflip: bool = True
+from asirra.config import AugmentConfig
 
 
 def random_affine(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:

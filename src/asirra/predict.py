@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from asirra.cache import default_cache_dir
+from asirra.config import BACKENDS, DEFAULT_BACKEND
+from asirra.calibration import apply_temperature, describe, is_cat, predicted_labels
 from asirra.images import ImageSource, UnusableImage, read_pixels
 from asirra.fileio import atomic_path
 from asirra.models import ModelConfig, load_model, resolve_model_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
-BACKENDS = ("onnx", "onnx-int8", "torch")
 
 
 def default_model_path() -> Path:
@@ -31,13 +32,27 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def resolve_backend(backend: str, model: torch.nn.Module, folder: Path | None) -> str:
+    """The engine a backend name means for this model: only "auto" (DEFAULT_BACKEND) needs resolving.
+
+    "auto" is the fastest shipped engine: the int8 export if `folder` holds one made from exactly
+    these weights (it is never made on the fly: it needs calibration images), else fp32 ONNX.
+    """
+    if backend != "auto":
+        return backend
+    from asirra.export import onnx_beside_weights
+
+    return "onnx-int8" if onnx_beside_weights(model, folder, "onnx-int8") is not None else "onnx"
+
+
 class Classifier:
     """P(dog) for images: `predict_proba(sources)`, and `solve(sources)` for a CAPTCHA challenge."""
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = "onnx", folder: Path | None = None,
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND, folder: Path | None = None,
                  tta: bool | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        backend = resolve_backend(backend, model, folder)
         self.model, self.config, self.backend, self.folder = model, config, backend, folder
         # The temperature was fitted on the logits the model was validated with: use the same by default.
         self.tta = config.tta if tta is None else tta
@@ -65,9 +80,7 @@ class Classifier:
             return self.model(x).double().numpy().reshape(-1)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        from scipy.special import expit
-
-        return expit(logits / self.config.temperature)
+        return apply_temperature(logits, self.config.temperature)
 
     # -- images in ---------------------------------------------------------------------------
 
@@ -91,8 +104,8 @@ class Classifier:
         return self.proba_from_logits(self.logits(self.pixels(sources)))
 
     def solve(self, sources: Sequence[ImageSource]) -> list[bool]:
-        """Which of the challenge images are cats (P(dog) < 0.5)."""
-        return [bool(p < 0.5) for p in self.predict_proba(sources)]
+        """Which of the challenge images are cats (the package's one threshold rule)."""
+        return is_cat(self.predict_proba(sources))
 
     # -- ONNX --------------------------------------------------------------------------------
 
@@ -120,7 +133,7 @@ class Classifier:
         return path
 
 
-def load_classifier(model: str | os.PathLike | None = None, backend: str = "onnx", tta: bool | None = None) -> Classifier:
+def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND, tta: bool | None = None) -> Classifier:
     """A classifier from a run folder or model file; None means the default model in the package."""
     folder = resolve_model_folder(model) if model is not None else default_model_path()
     net, config = load_model(folder)
@@ -179,7 +192,7 @@ def plot_predictions(preds: Predictions, out: Path, n: int = 24, title: str | No
     from asirra.plots import plot_image_grid
 
     shown = range(min(n, len(preds.refs)))
-    titles = [f"{preds.refs[i].name}: {'dog' if p >= 0.5 else 'cat'} {max(p, 1 - p):.2f}"
+    titles = [f"{preds.refs[i].name}: {describe(p)}"
               for i, p in zip(shown, preds.p_dog)]
     images = [read_pixels(preds.refs[i].read_bytes(), 160) for i in shown]
     return plot_image_grid(images, titles, out, title=title)
@@ -197,7 +210,7 @@ def write_submission(ids: Sequence[str], p_dog: np.ndarray, out: Path, proba: bo
         writer = csv.writer(f)
         writer.writerow(["id", "label"])
         for image_id, p in rows:
-            label = f"{np.clip(p, SUBMISSION_CLIP, 1 - SUBMISSION_CLIP):.6f}" if proba else int(p >= 0.5)
+            label = f"{np.clip(p, SUBMISSION_CLIP, 1 - SUBMISSION_CLIP):.6f}" if proba else int(predicted_labels(p))
             writer.writerow([image_id, label])
     return Path(out)
 

@@ -1,0 +1,115 @@
+"""From a logit to a decision: temperature scaling and the one threshold rule.
+
+Every P(dog) in the package is `apply_temperature(logit, T)` with the T fitted here on held-out
+logits, and every cat/dog call is `predicted_labels(p)`: training, evaluation, prediction,
+submissions and the CAPTCHA solver all decide the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+
+from asirra import CAT, CLASS_NAMES, DOG
+
+THRESHOLD = 0.5  # P(dog) at or above it is a dog; a tie counts as dog
+
+# Log loss clips probabilities to [EPS, 1 - EPS]. A float32 sigmoid rounds to exactly 0 or 1 for
+# |logit| > ~17, and one such confidently wrong image would make the log loss infinite and the
+# average meaningless. EPS = 1e-6 caps any single image's penalty at -ln(1e-6) ~ 13.8 nats, which
+# still punishes overconfidence hard; Kaggle's 1e-15 is below float32 resolution near 1.
+EPS = 1e-6
+
+# Temperature scaling searches T in this range: a separable validation set drives the NLL-optimal
+# T towards 0 (infinitely sharp), and a useless model drives it towards infinity.
+T_MIN, T_MAX = 0.05, 20.0
+
+
+class InvalidPredictions(ValueError):
+    """Labels or probabilities that cannot be evaluated (wrong shape, length, or values)."""
+
+
+def as_1d(values, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise InvalidPredictions(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise InvalidPredictions(f"{name} must be numeric, got dtype {array.dtype}")
+    return array
+
+
+def check_labels(y_true) -> np.ndarray:
+    """Validate and convert labels to a non-empty int array of CAT (0) / DOG (1)."""
+    y = as_1d(y_true, "y_true")
+    if len(y) == 0:
+        raise InvalidPredictions("no predictions to evaluate (empty arrays)")
+    unknown = ~np.isin(y, (CAT, DOG))
+    if unknown.any():
+        found = np.unique(y[unknown])[:5].tolist()
+        raise InvalidPredictions(f"y_true must hold only {CAT} (cat) and {DOG} (dog); found {found}")
+    return y.astype(np.int64)
+
+
+# ---- the decision -------------------------------------------------------------------------
+
+
+def predicted_labels(p_dog, threshold: float = THRESHOLD) -> np.ndarray:
+    """DOG where P(dog) >= threshold, else CAT (a tie at the threshold counts as dog)."""
+    return np.where(np.asarray(p_dog) >= threshold, DOG, CAT)
+
+
+def is_cat(p_dog) -> list[bool]:
+    """The CAPTCHA's question, per image: is it a cat?"""
+    return [bool(label == CAT) for label in predicted_labels(p_dog)]
+
+
+def describe(p_dog: float) -> str:
+    """'dog 0.97': the predicted class and the probability of that class."""
+    label = int(predicted_labels(p_dog))
+    return f"{CLASS_NAMES[label]} {p_dog if label == DOG else 1 - p_dog:.2f}"
+
+
+# ---- temperature scaling ------------------------------------------------------------------
+
+
+def logit(p_dog, eps: float = EPS) -> np.ndarray:
+    """log(p / (1 - p)), clipped like the log loss. Prefer a model's raw logits when available:
+    clipping saturated probabilities caps the logits at +-13.8 and biases a fitted temperature."""
+    p = np.clip(np.asarray(p_dog, dtype=np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """P(dog) = sigmoid(logit / T)."""
+    return expit(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    # log(1 + e^s) - y*s == -[y log sigmoid(s) + (1-y) log(1 - sigmoid(s))], without overflow.
+    scaled = logits / temperature
+    return float(np.mean(np.logaddexp(0.0, scaled) - y * scaled))
+
+
+def fit_temperature(logits, y_true) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the NLL of sigmoid(logits / T).
+
+    Fit on held-out data, never on the training set (where the model is overconfident by design).
+    T > 1 softens an overconfident model, T < 1 sharpens an underconfident one. The search is over
+    log T within [T_MIN, T_MAX], so a separable set returns T_MIN rather than running off to 0.
+    """
+    y = check_labels(y_true)
+    z = as_1d(logits, "logits").astype(np.float64)
+    if not np.isfinite(z).all():
+        raise InvalidPredictions(f"logits has {int((~np.isfinite(z)).sum())} non-finite values (NaN or inf)")
+    if len(y) != len(z):
+        raise InvalidPredictions(f"y_true has {len(y)} labels but logits has {len(z)} values")
+    result = minimize_scalar(
+        lambda log_t: _nll(z, y, math.exp(log_t)),
+        bounds=(math.log(T_MIN), math.log(T_MAX)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(math.exp(result.x))

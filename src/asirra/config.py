@@ -1,0 +1,126 @@
+"""What a training run is made of, as plain data: the one home of every training default.
+
+This module imports nothing from the package, so anything (the CLI, the tuner, a test) can read a
+default or build a config without pulling in torch. The CLI's options take their defaults from
+here; a config saved in a run folder (config.json) rebuilds with `TrainConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import Enum
+
+
+class Strategy(str, Enum):
+    scratch = "scratch"  # every weight trains, on augmented pixels
+    linear = "linear"  # a frozen ImageNet backbone; only the head trains (on cached features)
+    finetune = "finetune"  # the top --unfreeze blocks and the head train (on cached activations below them)
+
+
+class Schedule(str, Enum):
+    plateau = "plateau"  # Keras' ReduceLROnPlateau on validation accuracy
+    cosine = "cosine"
+    onecycle = "onecycle"
+
+
+@dataclass
+class AugmentConfig:
+    rotation_deg: float = 15.0
+    shear: float = 0.1  # shear angle in radians (Keras' shear_range of 0.1 is in degrees; the notebook meant visible shear)
+    zoom: float = 0.2  # scale drawn from [1 - zoom, 1 + zoom]
+    shift: float = 0.1  # fraction of width / height
+    hflip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "seed-cnn"
+    image_size: int | None = None  # input side in px; None: the model's registered size
+    model_options: dict = field(default_factory=dict)  # architecture settings, e.g. seed-cnn {"widths": [32, 64], "dense": 256}
+    strategy: Strategy = Strategy.scratch
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1  # finetune: backbone learns at lr * this
+    weight_decay: float = 0.0  # L2 on the weights (AdamW's decoupled form)
+    label_smoothing: float = 0.0
+    schedule: Schedule = Schedule.plateau
+    val_fraction: float = 0.2
+    seed: int = 0
+    patience: int = 10  # early stopping on validation loss
+    lr_patience: int = 2  # plateau of validation accuracy
+    lr_factor: float = 0.5
+    min_lr: float = 1e-5
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
+    unfreeze: int = 1  # finetune: how many top blocks of the backbone train (all: 16 for lite0, 21 for lite2)
+    views: int = 2  # transfer: cached views per image (original, mirror, then random augmentations)
+    tta: bool = False  # validate (and predict) on the mean of original and mirrored logits
+    limit: int | None = None  # stratified subset of the data, for quick runs
+    channels_last: bool = True
+    bf16: bool = True  # autocast matmuls and convs to bfloat16 (AVX-512-BF16 CPUs)
+    compile: bool = False
+    workers: int = 2
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        # Fail in a second, before the data is decoded or the backbone runs, not after.
+        # (The model name is checked against the registry by asirra.train, which knows it.)
+        self.strategy = _choice(Strategy, self.strategy, "strategy")
+        self.schedule = _choice(Schedule, self.schedule, "schedule")
+        checks = [
+            (0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, got {self.val_fraction}"),
+            (not (self.tta and self.strategy != Strategy.scratch and self.views < 2),
+             "--tta needs --views 2 or more (the mirror view)"),
+            (self.epochs >= 1 and self.batch_size >= 2, "epochs must be >= 1 and batch size >= 2"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.lr > 0 and self.weight_decay >= 0, "lr must be positive and weight_decay non-negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: enums as their strings."""
+        d = asdict(self)
+        d["strategy"], d["schedule"] = self.strategy.value, self.schedule.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["augment"] = AugmentConfig(**d["augment"]) if d.get("augment") is not None else None
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def default(name: str):
+    """The default of one TrainConfig field: what the CLI shows and uses when an option is not given."""
+    for f in fields(TrainConfig):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"TrainConfig.{name} has no default")
+    raise KeyError(f"TrainConfig has no field {name!r}")
+
+
+def _choice(enum: type[Enum], value, what: str):
+    try:
+        return enum(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise ValueError(f"unknown {what} {value!r}; choose {choices}") from None
+
+
+# ---- inference --------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
+# What every command and asirra.solve run unless told otherwise. "auto" is resolved per model by
+# asirra.predict.resolve_backend: the int8 export when the model folder has one made from its
+# weights (twice as fast; same validation accuracy, README), else fp32 ONNX.
+DEFAULT_BACKEND = "auto"
