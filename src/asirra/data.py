@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from asirra import CAT, CLASS_NAMES, DOG
 from asirra.download import archive_path
-from asirra.fileio import atomic_path
 from asirra.images import MAX_FILE_BYTES, UnusableImage, load_image, read_file
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
@@ -379,30 +378,25 @@ def show_grid(
 
     `titles`, if given, replaces the default titles and runs parallel to `refs`.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    import numpy as np
+
+    from asirra.plots import plot_image_grid
 
     if not refs:
         raise DataError("no images to show")
     if titles is not None and len(titles) != len(refs):
         raise DataError(f"got {len(titles)} titles for {len(refs)} images")
     picked = sorted(random.Random(seed).sample(range(len(refs)), min(n, len(refs))))
-    cols = min(len(picked), max(1, round(len(picked) ** 0.5)))
-    rows = -(-len(picked) // cols)
-    figure = Figure(figsize=(2.2 * cols, 2.4 * rows))
-    for cell, index in enumerate(picked):
-        axes = figure.add_subplot(rows, cols, cell + 1)
-        axes.set_axis_off()
-        ref = refs[index]
-        title = titles[index] if titles is not None else _default_title(ref)
+    images, captions = [], []
+    for index in picked:
+        caption = titles[index] if titles is not None else _default_title(refs[index])
         try:
-            axes.imshow(ref.load(draft_size=160))
+            images.append(refs[index].load(draft_size=160))
         except UnusableImage as exc:
-            title = f"{title}\nunusable: {exc.reason}"
-        axes.set_title(title, fontsize=8)
-    figure.tight_layout()
-    with atomic_path(out) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    return Path(out)
+            images.append(np.full((8, 8, 3), 200, dtype=np.uint8))  # a grey tile where the picture would be
+            caption = f"{caption}\nunusable: {exc.reason}"
+        captions.append(caption)
+    return plot_image_grid(images, captions, Path(out), ncols=max(1, round(len(picked) ** 0.5)))
 
 
 def _default_title(ref: ImageRef) -> str:

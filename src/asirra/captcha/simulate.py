@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from asirra.calibration import predicted_labels
 from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.captcha.safeguards import NoSafeguard, PartialCredit, Safeguard, TokenBucket, describe
 from asirra.evaluate import sample_subsets, wilson_interval
@@ -102,7 +103,7 @@ def model_mistakes(
     if not np.isfinite(proba).all():
         raise SimulationError("P(dog) must be finite for every image")
     _check_count(n_challenges)
-    wrong = (proba >= 0.5).astype(int) != labels
+    wrong = predicted_labels(proba) != labels
     picks = sample_subsets(rng, len(labels), size, n_challenges)
     return wrong[picks].sum(axis=1), float(1 - wrong.mean())
 
