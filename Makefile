@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/datasets/dogs-vs-cats
 
-.PHONY: install demo test test-fast model bench chromium clean
+.PHONY: install demo test test-fast model bench chromium redis-server clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/asirra demo --data $(DATA) --out runs/demo
 
 # Everything CI runs: unit tests and the slower end-to-end tests (browser included).
-test: $(STAMP) chromium
+test: $(STAMP) chromium redis-server
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 # Debian's Chromium for the browser test; skipped quietly where we are not root (the test then says why it skips).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed (needs root): browser tests will skip"; }
+
+# Debian's redis-server for the Redis store's tests (each test starts its own on a free port); as for chromium.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "redis-server not installed (needs root): Redis tests will skip"; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,10 +1,13 @@
-"""Load test of the live CAPTCHA service on loopback: many concurrent bots, latency percentiles.
+"""Load test of the live CAPTCHA service on loopback: the in-process store with 1 worker beside Redis with 2 workers.
 
     python benchmarks/load_test.py [--data PATH] [--pool 500] [--clients 50] [--challenges 20] [--json]
 
-The server runs in its own process (so the bots' work does not slow it down) on 127.0.0.1 only,
-with rate limits raised out of the way; the bots guess at random, so the numbers measure the
-service (challenge, 12 re-encoded JPEGs, verdict), not a model. Latency is per whole challenge.
+Both servers serve the same pool with the same settings to the same bots, one after the other in
+one run, so their ratio is the figure to trust on a shared machine. Each runs in its own processes
+(the bots' work does not slow it down) on 127.0.0.1 only, with rate limits raised out of the way;
+the Redis one gets a private redis-server on a free port, without persistence, stopped at the end.
+The bots guess at random, so the numbers measure the service (challenge, 12 re-encoded JPEGs,
+verdict), not a model. Latency is per whole challenge; every bot runs a bounded number of them.
 """
 
 from __future__ import annotations
@@ -12,24 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from asirra.captcha.attack import RandomGuesser
+# uvicorn's worker processes re-import this module as they start, before answering its health
+# pings: keep the top light (asirra.captcha.attack pulls in scikit-learn; it is imported in measure).
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
 HOST = "127.0.0.1"  # never anything but loopback
+REQUESTS_PER_CHALLENGE = 14
 
 
-def run_server(data: str, pool_size: int, port: int, max_challenges: int) -> None:
+def build_config(data: str, pool_size: int, max_challenges: int, secret_file: str) -> dict:
+    """What every server process builds its app from: the same pool and settings for both stores."""
     from asirra.captcha.safeguards import make_safeguard
-    from asirra.captcha.service import ServiceSettings, create_app, serve, usable_pool
+    from asirra.captcha.service import ServiceSettings, usable_pool, worker_config
     from asirra.data import scan
 
     refs = scan(data, labelled=True)
@@ -37,14 +46,43 @@ def run_server(data: str, pool_size: int, port: int, max_challenges: int) -> Non
     pool = usable_pool([refs[i] for i in sorted(picks)], progress=False)
     settings = ServiceSettings(challenge_rate=1e6, challenge_burst=10**6, request_rate=1e6, request_burst=10**6,
                                max_per_client=10**6, max_challenges=max_challenges, seed=0)
+    return worker_config(pool, make_safeguard("none"), settings, secret_file, None)
+
+
+def run_server(config: dict, port: int, workers: int) -> None:
+    from asirra.captcha.service import app_from_config, serve, serve_workers
+
     # One log line per request would cost the server more than some of the requests.
-    serve(create_app(pool, make_safeguard("none"), settings), HOST, port, access_log=False)
+    if workers == 1:
+        serve(app_from_config(config), HOST, port, access_log=False)
+    else:
+        serve_workers(config, HOST, port, workers, access_log=False)
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
+
+
+def start_redis(folder: Path, timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("error: redis-server is not installed (apt-get install redis-server, or `make redis-server` as root)")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if redis.Redis(host=HOST, port=port, socket_connect_timeout=0.2).ping():
+                return process, f"redis://{HOST}:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    sys.exit(f"error: redis-server did not start within {timeout:.0f} s")
 
 
 def wait_until_up(url: str, server: multiprocessing.Process, timeout: float = 120.0) -> None:
@@ -61,6 +99,28 @@ def wait_until_up(url: str, server: multiprocessing.Process, timeout: float = 12
     sys.exit(f"error: the server did not answer within {timeout:.0f} s")
 
 
+def measure(config: dict, workers: int, total: int, clients: int, progress: bool) -> dict:
+    """One server up, the bots at it, the server down: the attack report as a dict."""
+    from asirra.captcha.attack import RandomGuesser, attack
+
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    # Not a daemon: a daemonic process may not start uvicorn's worker processes.
+    server = multiprocessing.Process(target=run_server, args=(config, port, workers))
+    server.start()
+    try:
+        wait_until_up(url, server)
+        report = attack(url, total, RandomGuesser(), concurrency=clients, progress=progress)
+    finally:
+        server.terminate()  # SIGTERM: uvicorn's supervisor stops its workers too
+        server.join(15)
+        if server.is_alive():
+            server.kill()
+    summary = report.to_dict()
+    summary["challenges_per_second"] = total / report.wall_seconds
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED_TRAIN), help="labelled images (default: the shared train set)")
@@ -72,28 +132,32 @@ def main() -> None:
     if not Path(args.data).exists():
         sys.exit(f"error: no data at {args.data}; pass --data PATH")
 
-    from asirra.captcha.attack import attack
-
-    port = free_port()
-    url = f"http://{HOST}:{port}"
     total = args.clients * args.challenges
-    server = multiprocessing.Process(target=run_server, args=(args.data, args.pool, port, 2 * total), daemon=True)
-    server.start()
-    try:
-        wait_until_up(url, server)
-        report = attack(url, total, RandomGuesser(), concurrency=args.clients, progress=not args.json)
-    finally:
-        server.terminate()
-        server.join(10)
-    summary = {**report.to_dict(), "clients": args.clients, "challenges_per_client": args.challenges,
-               "requests_per_challenge": 14}
+    with tempfile.TemporaryDirectory(prefix="asirra-load-") as folder:
+        secret = Path(folder) / "secret"
+        secret.write_text("load-test secret, only ever on loopback, 32+ bytes")
+        config = build_config(args.data, args.pool, 2 * total, str(secret))
+        redis_process, redis_url = start_redis(Path(folder))
+        try:
+            runs = {"in-process, 1 worker": measure(config, 1, total, args.clients, not args.json)}
+            redis_config = {**config, "settings": {**config["settings"], "redis_url": redis_url}}
+            runs["redis, 2 workers"] = measure(redis_config, 2, total, args.clients, not args.json)
+        finally:
+            redis_process.terminate()
+            redis_process.wait(10)
+    ratio = runs["redis, 2 workers"]["challenges_per_second"] / runs["in-process, 1 worker"]["challenges_per_second"]
+    summary = {"clients": args.clients, "challenges_per_client": args.challenges,
+               "requests_per_challenge": REQUESTS_PER_CHALLENGE, "runs": runs, "throughput_ratio": ratio}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{args.clients} clients x {args.challenges} challenges ({total} challenges, {14 * total} requests) "
-          f"in {report.seconds:.1f} s: {total / report.seconds:.1f} challenges/s")
-    print(f"latency per challenge: p50 {summary['p50_ms']:.0f} ms, p90 {summary['p90_ms']:.0f} ms, "
-          f"p99 {summary['p99_ms']:.0f} ms; errors: {dict(report.errors) or 'none'}")
+    print(f"{args.clients} clients x {args.challenges} challenges ({total} challenges, "
+          f"{REQUESTS_PER_CHALLENGE * total} requests) against each server:")
+    for name, run in runs.items():
+        print(f"  {name:<22} {run['challenges_per_second']:6.1f} challenges/s in {run['wall_seconds']:.1f} s; latency "
+              f"per challenge p50 {run['p50_ms']:.0f} ms, p90 {run['p90_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms; "
+              f"errors: {run['refused'] or 'none'}")
+    print(f"throughput, redis with 2 workers / in-process with 1: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,18 @@ tests check the serving and attacking plumbing without the real model.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import httpx
 
 import numpy as np
 from PIL import Image
@@ -76,3 +86,70 @@ class ColourClassifier:
         return [bool(p < 0.5) for p in self.predict_proba(sources)]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(args: list[str], log: Path, start_seconds: float = 90.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real `asirra serve ARGS` on a free loopback port, up and answering /healthz; always stopped after.
+
+    It runs in its own process group, so uvicorn's worker processes go down with it.
+    """
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "asirra.cli", "serve", "--port", str(port), *args],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_seconds
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"asirra serve exited with {process.returncode}: {log.read_text()[-800:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"asirra serve did not answer within {start_seconds:.0f} s: {log.read_text()[-800:]}")
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Ctrl-C to the server's process group, then a kill if it has not gone within 10 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # any worker left behind
+    except ProcessLookupError:
+        pass
+
+
+# ---- talking to an app in a test ------------------------------------------------------------
+
+
+def new_challenge(client, sitekey=None) -> dict:
+    """POST /api/challenge (for a site, with its key), asserting it was issued."""
+    response = client.post("/api/challenge", params={"sitekey": sitekey} if sitekey else None)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def answer(client, challenge_id, selected):
+    return client.post(f"/api/challenge/{challenge_id}/answer", json={"selected": sorted(selected)})
+
+
+def truth(app, challenge) -> set[int]:
+    """The cats of an issued challenge, read from the app in-process (no route exposes them)."""
+    return set(app.state.store.peek(challenge["id"]).challenge.answer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,26 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "datasets" / "dogs-vs-cats"
 
 
+def data_required() -> bool:
+    """Under CI (CI=true, as CI services set it) or ASIRRA_REQUIRE_DATA=1 missing data fails a test instead of skipping it."""
+    return os.environ.get("ASIRRA_REQUIRE_DATA") == "1" or os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def require_shared_data(root: Path = SHARED_DATA) -> Path:
+    """`root` if it holds train/ and test1/; otherwise skip the test, or fail it when data is required."""
+    missing = [name for name in ("train", "test1") if not (root / name).is_dir()]
+    if missing:
+        reason = f"shared data not found: no {' or '.join(missing)}/ in {root}"
+        if data_required():
+            pytest.fail(f"{reason} (required: ASIRRA_REQUIRE_DATA=1 or CI=true)", pytrace=False)
+        pytest.skip(reason)
+    return root
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """<project root>/../shared/datasets/dogs-vs-cats (train/ and test1/), or skip the test."""
-    if not (SHARED_DATA / "train").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """<project root>/../shared/datasets/dogs-vs-cats (train/ and test1/); a skip, or under CI a failure, without it."""
+    return require_shared_data()
 
 
 def write_image(path: Path, size=(48, 40), color=(200, 90, 40), mode="RGB", format=None, seed=0, **save) -> Path:

@@ -99,3 +99,26 @@ def test_person_selecting_the_cats_passes_and_a_wrong_selection_fails(page, pool
         page.wait_for_selector('#captcha[data-result="fail"]')
         page.screenshot(path=str(ARTIFACTS / "captcha-fail.png"))
     assert len(app.state.store) == 0  # both challenges were used up
+
+
+def test_the_hardened_pool_page_shows_each_original_beside_its_hardened_copy(page, tmp_path):
+    """What `asirra captcha harden` writes for people to judge: the real browser draws both versions."""
+    import torch
+
+    from asirra.captcha.harden import HardenConfig, harden_pool, load_surrogate
+    from asirra.models import ModelConfig, SeedCNN, save_model
+
+    torch.manual_seed(0)  # an untrained surrogate has gradients like any network, at a fraction of the cost
+    surrogate = load_surrogate(str(save_model(SeedCNN(), ModelConfig("seed-cnn", 128), tmp_path / "surrogate")))
+    source = scan(SHARED_TRAIN) if SHARED_TRAIN.is_dir() else scan(make_pool(tmp_path / "pool", cats=4, dogs=4))
+    refs = [ref for ref in source if ref.label == 0][:4] + [ref for ref in source if ref.label == 1][:4]
+    config = HardenConfig(method="pgd", epsilon=16 / 255, steps=2, eot=1, surrogates=(surrogate.name,))
+    harden_pool(refs, tmp_path / "hardened", config, [surrogate], progress=False)
+
+    page.goto((tmp_path / "hardened" / "compare.html").as_uri())
+    figures = page.eval_on_selector_all(
+        "figure", "figs => figs.map(f => [...f.querySelectorAll('img')].map(i => i.complete && i.naturalWidth > 0))")
+    assert figures == [[True, True]] * len(refs)  # every original and every hardened copy decoded and drawn
+    assert "SSIM" in page.inner_text("figcaption")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "hardened-compare.png"), full_page=True)

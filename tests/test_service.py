@@ -12,7 +12,7 @@ from PIL import Image
 from asirra.captcha.safeguards import make_safeguard
 from asirra.captcha.service import ServiceError, ServiceSettings, create_app, parse_selection, usable_pool
 from asirra.images import load_image
-from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, TestClient, make_pool
+from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, TestClient, answer, make_pool, new_challenge, truth
 
 
 @pytest.fixture
@@ -26,18 +26,10 @@ def _app(pool, safeguard="none", clock=None, **settings):
     return create_app(pool, make_safeguard(safeguard), ServiceSettings(**base), **kwargs)
 
 
-def _challenge(client) -> dict:
-    response = client.post("/api/challenge")
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
-def _answer(client, challenge_id, selected):
-    return client.post(f"/api/challenge/{challenge_id}/answer", json={"selected": sorted(selected)})
 
 
-def _truth(app, challenge) -> set[int]:
-    return set(app.state.store.peek(challenge["id"]).challenge.answer)
 
 
 def _refused(response, status: int, words: str) -> None:
@@ -55,7 +47,7 @@ def test_page_is_served_with_the_grid_and_its_script(pool):
 
 def test_challenge_has_twelve_metadata_free_jpegs_that_expire(pool):
     client = TestClient(_app(pool, ttl_seconds=60))
-    challenge = _challenge(client)
+    challenge = new_challenge(client)
     assert set(challenge) == {"id", "images", "expires_in"} and challenge["expires_in"] == 60
     assert len(challenge["images"]) == len(set(challenge["images"])) == 12
     for url in challenge["images"]:
@@ -69,10 +61,10 @@ def test_challenge_has_twelve_metadata_free_jpegs_that_expire(pool):
 def test_right_answer_passes_and_wrong_answer_fails(pool):
     app = _app(pool)
     client = TestClient(app)
-    right = _challenge(client)
-    assert _answer(client, right["id"], _truth(app, right)).json()["result"] == "pass"
-    wrong = _challenge(client)
-    assert _answer(client, wrong["id"], set(range(12)) - _truth(app, wrong)).json()["result"] == "fail"
+    right = new_challenge(client)
+    assert answer(client, right["id"], truth(app, right)).json()["result"] == "pass"
+    wrong = new_challenge(client)
+    assert answer(client, wrong["id"], set(range(12)) - truth(app, wrong)).json()["result"] == "fail"
 
 
 def test_replayed_answer_is_refused_and_leaves_the_safeguard_untouched(pool):
@@ -80,29 +72,29 @@ def test_replayed_answer_is_refused_and_leaves_the_safeguard_untouched(pool):
     # have been that second near miss, and the next near miss would be "almost" again.
     app = _app(pool, safeguard="partial-credit")
     client = TestClient(app)
-    first = _challenge(client)
-    one_slip = _truth(app, first) ^ {0}
-    assert _answer(client, first["id"], one_slip).json()["result"] == "almost"
-    _refused(_answer(client, first["id"], one_slip), 409, "already answered")
-    second = _challenge(client)
-    assert _answer(client, second["id"], _truth(app, second) ^ {0}).json()["result"] == "pass"
+    first = new_challenge(client)
+    one_slip = truth(app, first) ^ {0}
+    assert answer(client, first["id"], one_slip).json()["result"] == "almost"
+    _refused(answer(client, first["id"], one_slip), 409, "already answered")
+    second = new_challenge(client)
+    assert answer(client, second["id"], truth(app, second) ^ {0}).json()["result"] == "pass"
 
 
 def test_expired_challenge_and_its_images_are_refused(pool):
     clock = FakeClock()
     app = _app(pool, clock=clock, ttl_seconds=30)
     client = TestClient(app)
-    challenge = _challenge(client)
-    answer = _truth(app, challenge)
+    challenge = new_challenge(client)
+    cats = truth(app, challenge)
     clock.now += 31
     _refused(client.get(challenge["images"][0]), 404, "unknown or expired")
-    _refused(_answer(client, challenge["id"], answer), 410, "expired")
-    assert _challenge(client)["id"] != challenge["id"]
+    _refused(answer(client, challenge["id"], cats), 410, "expired")
+    assert new_challenge(client)["id"] != challenge["id"]
 
 
 def test_unknown_challenge_and_image_are_refused(pool):
     client = TestClient(_app(pool))
-    _refused(_answer(client, "no-such-challenge", []), 404, "unknown challenge")
+    _refused(answer(client, "no-such-challenge", []), 404, "unknown challenge")
     _refused(client.get("/api/image/no-such-image"), 404, "unknown")
     _refused(client.get("/no/such/page"), 404, "not found")
 
@@ -127,20 +119,20 @@ def test_unknown_challenge_and_image_are_refused(pool):
 def test_malformed_answer_is_refused_and_the_challenge_stays_answerable(pool, body, status, words):
     app = _app(pool)
     client = TestClient(app)
-    challenge = _challenge(client)
+    challenge = new_challenge(client)
     _refused(client.post(f"/api/challenge/{challenge['id']}/answer", content=body), status, words)
-    assert _answer(client, challenge["id"], _truth(app, challenge)).json()["result"] == "pass"
+    assert answer(client, challenge["id"], truth(app, challenge)).json()["result"] == "pass"
 
 
 def test_oversized_body_is_refused_whether_declared_or_streamed(pool):
     app = _app(pool, max_body_bytes=1024)
     client = TestClient(app)
-    challenge = _challenge(client)
+    challenge = new_challenge(client)
     url = f"/api/challenge/{challenge['id']}/answer"
     _refused(client.post(url, content=b" " * 100_000), 413, "over 1024 bytes")
     streamed = (b" " * 1000 for _ in range(100))  # chunked: no Content-Length to check up front
     _refused(client.post(url, content=streamed), 413, "over 1024 bytes")
-    assert _answer(client, challenge["id"], _truth(app, challenge)).json()["result"] == "pass"
+    assert answer(client, challenge["id"], truth(app, challenge)).json()["result"] == "pass"
 
 
 def test_same_pool_image_has_a_new_url_and_new_bytes_in_every_challenge(tmp_path):
@@ -149,7 +141,7 @@ def test_same_pool_image_has_a_new_url_and_new_bytes_in_every_challenge(tmp_path
     client = TestClient(app)
     seen = {}
     for _ in range(2):
-        challenge = _challenge(client)
+        challenge = new_challenge(client)
         refs = app.state.store.peek(challenge["id"]).challenge.refs
         for ref, url in zip(refs, challenge["images"]):
             seen.setdefault(ref.source, []).append((url, hashlib.sha256(client.get(url).content).hexdigest()))
@@ -161,10 +153,10 @@ def test_same_pool_image_has_a_new_url_and_new_bytes_in_every_challenge(tmp_path
 def test_no_response_reveals_labels_or_pool_identity(pool):
     app = _app(pool)
     client = TestClient(app)
-    challenge = _challenge(client)
+    challenge = new_challenge(client)
     refs = app.state.store.peek(challenge["id"]).challenge.refs
     images = [client.get(url).content for url in challenge["images"]]
-    verdict = _answer(client, challenge["id"], []).json()
+    verdict = answer(client, challenge["id"], []).json()
     assert set(verdict) == {"result", "message"}
     texts = [json.dumps(challenge), json.dumps(verdict)]
     for ref in refs:
@@ -177,33 +169,37 @@ def test_challenge_creation_is_rate_limited_per_client_with_retry_after(pool):
     clock = FakeClock()
     client = TestClient(_app(pool, clock=clock, challenge_rate=0.5, challenge_burst=3))
     for _ in range(3):
-        _challenge(client)
+        new_challenge(client)
     refused = client.post("/api/challenge")
     _refused(refused, 429, "too many new challenges")
     assert int(refused.headers["retry-after"]) == 2
     clock.now += 2
-    _challenge(client)
+    new_challenge(client)
 
 
 def test_any_api_request_is_rate_limited_and_a_new_cookie_does_not_reset_it(pool):
-    app = _app(pool, request_rate=1, request_burst=5)
-    challenge = _challenge(TestClient(app))
+    clock = FakeClock()  # the real clock would refill the bucket whenever the requests run slowly
+    app = _app(pool, clock=clock, request_rate=1, request_burst=5)
+    challenge = new_challenge(TestClient(app))
     for _ in range(4):
-        TestClient(app).get(challenge["images"][0])  # a fresh cookie jar each time, same address
+        assert TestClient(app).get(challenge["images"][0]).status_code == 200  # a fresh cookie jar each time
+    _refused(TestClient(app).get(challenge["images"][0]), 429, "too many requests")
+    clock.now += 1  # one second refills one request at request_rate=1
+    assert TestClient(app).get(challenge["images"][0]).status_code == 200
     _refused(TestClient(app).get(challenge["images"][0]), 429, "too many requests")
 
 
 def test_oldest_outstanding_challenge_is_replaced_beyond_the_per_client_cap(pool):
     app = _app(pool, max_per_client=2)
     client = TestClient(app)
-    first, *_ = [_challenge(client) for _ in range(3)]
-    _refused(_answer(client, first["id"], []), 410, "replaced")
+    first, *_ = [new_challenge(client) for _ in range(3)]
+    _refused(answer(client, first["id"], []), 410, "replaced")
 
 
 def test_server_full_of_challenges_answers_503_with_retry_after(pool):
     app = _app(pool, max_challenges=2)
     clients = [TestClient(app, client=(f"10.0.0.{i}", 5000)) for i in range(3)]
-    _challenge(clients[0]), _challenge(clients[1])
+    new_challenge(clients[0]), new_challenge(clients[1])
     refused = clients[2].post("/api/challenge")
     _refused(refused, 503, "busy")
     assert "retry-after" in refused.headers
@@ -212,16 +208,16 @@ def test_server_full_of_challenges_answers_503_with_retry_after(pool):
 def test_dropping_the_cookie_does_not_escape_the_token_bucket(pool):
     app = create_app(pool, make_safeguard("token-bucket", capacity=1), GENEROUS)
     bot = TestClient(app, client=("10.0.0.1", 5000))
-    failed = _challenge(bot)
-    assert _answer(bot, failed["id"], set(range(12)) - _truth(app, failed)).json()["result"] == "fail"
+    failed = new_challenge(bot)
+    assert answer(bot, failed["id"], set(range(12)) - truth(app, failed)).json()["result"] == "fail"
 
     same_address_new_cookie = TestClient(app, client=("10.0.0.1", 5000))
-    challenge = _challenge(same_address_new_cookie)
-    assert _answer(same_address_new_cookie, challenge["id"], _truth(app, challenge)).json()["result"] == "fail"
+    challenge = new_challenge(same_address_new_cookie)
+    assert answer(same_address_new_cookie, challenge["id"], truth(app, challenge)).json()["result"] == "fail"
 
     elsewhere = TestClient(app, client=("10.0.0.2", 5000))
-    challenge = _challenge(elsewhere)
-    assert _answer(elsewhere, challenge["id"], _truth(app, challenge)).json()["result"] == "pass"
+    challenge = new_challenge(elsewhere)
+    assert answer(elsewhere, challenge["id"], truth(app, challenge)).json()["result"] == "pass"
 
 
 def test_forged_cookie_is_replaced_by_a_signed_one(pool):
@@ -242,7 +238,7 @@ def test_broken_pool_image_is_left_out_at_startup(tmp_path):
 def test_image_unreadable_with_no_readable_substitute_is_a_503_not_a_crash(tmp_path):
     pool = make_pool(tmp_path / "pool", cats=6, dogs=6)
     client = TestClient(_app(pool))
-    challenge = _challenge(client)
+    challenge = new_challenge(client)
     for ref in pool:
         open(ref.source, "wb").write(b"gone")
     _refused(client.get(challenge["images"][0]), 503, "temporarily unavailable")
@@ -253,7 +249,7 @@ def test_image_that_breaks_after_startup_is_replaced_by_one_of_the_same_label(tm
     pool = make_pool(tmp_path / "pool", cats=6, dogs=6)
     app = _app(pool)
     client = TestClient(app)
-    challenge = _challenge(client)
+    challenge = new_challenge(client)
     refs = app.state.store.peek(challenge["id"]).challenge.refs
     open(refs[0].source, "wb").write(b"not an image any more")
     reply = client.get(challenge["images"][0])

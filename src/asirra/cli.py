@@ -149,34 +149,67 @@ def train_command(
     tta: bool = typer.Option(train_default("tta"), "--tta/--no-tta", help="Validate (and later predict) on the mean of image and mirror."),
     compile: bool = typer.Option(train_default("compile"), "--compile", help="torch.compile the network (slow start, faster epochs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (torch.distributed; "
+                                                        "each takes --batch-size / N of every batch)."),
 ) -> None:
     """Train a network; the best epoch (by validation loss) is kept, calibrated, in OUT/model."""
-    from dataclasses import asdict
-
-    from asirra.config import AugmentConfig, TrainConfig
-    from asirra.data import DataError, labelled_split_dirs, resolve_data_root
+    from asirra.data import DataError
     from asirra.train import train
 
-    options = dict(model=model, image_size=image_size, strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr,
-                   weight_decay=weight_decay, unfreeze=unfreeze, views=views, schedule=schedule,
-                   label_smoothing=label_smoothing, patience=patience, limit=limit, seed=seed,
-                   augment=asdict(AugmentConfig()) if augment else None, tta=tta, compile=compile)
-    # By name: typer vendors its own click, whose ParameterSource is not click's.
-    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
     try:
-        settings = _read_config_file(config_file) if config_file else {}
-        # The file's settings stand unless an option says otherwise; a bare command is all defaults.
-        settings.update({k: v for k, v in options.items() if k in given or k not in settings})
-        if "data" in given or "data" not in settings:
-            root = resolve_data_root(data)
-            settings["data"] = str(labelled_split_dirs(root)[0] or root)
-        if "out" in given or "out" not in settings:
-            settings["out"] = str(out)
-        config = TrainConfig.from_dict(settings)
+        config = _train_config(ctx)
+        if nproc > 1:
+            return _train_distributed(config, resume, nproc)  # rank 0's own `asirra train` reports the run
         run = train(config, resume=resume)
     except (DataError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"run folder: {run}  (model: {run / 'model'}, curves: {run / 'curves.png'})")
+
+
+def _train_distributed(config, resume: bool, nproc: int) -> None:
+    """`asirra train` on `nproc` local processes under torchrun."""
+    import os
+
+    from asirra import distributed
+    from asirra.train import prepare_run
+
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts its own processes; leave it out under torchrun")
+    distributed.local_batch_size(config.batch_size, nproc)
+    # The run folder is checked and its config.json written here, so bad input fails once, before
+    # N processes start; the ranks then train from that config.json (rank 0 rewrites it unchanged).
+    run = prepare_run(config, resume)
+    code = distributed.launch(nproc, ["--config", str(run / "config.json"), *(["--resume"] if resume else [])])
+    if code:
+        fail(f"distributed training failed (torchrun exit code {code})", code)
+
+
+# `asirra train`'s options that are TrainConfig fields (its others: --config, --data, --out, --resume).
+_TRAIN_FIELDS = ("model", "image_size", "strategy", "epochs", "batch_size", "lr", "weight_decay", "unfreeze", "views",
+                 "schedule", "label_smoothing", "patience", "limit", "seed", "augment", "tta", "compile")
+
+
+def _train_config(ctx: typer.Context):
+    """The TrainConfig a command's `asirra train` options describe: --config FILE, overridden by options given."""
+    from dataclasses import asdict
+
+    from asirra.config import AugmentConfig, TrainConfig
+    from asirra.data import labelled_split_dirs, resolve_data_root
+
+    params = ctx.params
+    options = {name: params[name] for name in _TRAIN_FIELDS}
+    options["augment"] = asdict(AugmentConfig()) if params["augment"] else None
+    # By name: typer vendors its own click, whose ParameterSource is not click's.
+    given = {name for name in params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+    settings = _read_config_file(params["config_file"]) if params["config_file"] else {}
+    # The file's settings stand unless an option says otherwise; a bare command is all defaults.
+    settings.update({k: v for k, v in options.items() if k in given or k not in settings})
+    if "data" in given or "data" not in settings:
+        root = resolve_data_root(params["data"])
+        settings["data"] = str(labelled_split_dirs(root)[0] or root)
+    if "out" in given or "out" not in settings:
+        settings["out"] = str(params["out"])
+    return TrainConfig.from_dict(settings)
 
 
 def _read_config_file(path: Path) -> dict:
@@ -187,6 +220,121 @@ def _read_config_file(path: Path) -> dict:
     if not isinstance(settings, dict):
         raise ValueError(f"{path} is not a training config (expected a JSON object)")
     return settings
+
+
+def _with_train_options(command):
+    """Give `command` every option of `asirra train` but --out and --resume, declared once (in train_command).
+
+    The command takes them as **train_options and builds its TrainConfig with _train_config(ctx).
+    """
+    import inspect
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    taken = {p.name for p in own} | {"resume"}
+    borrowed = [p for p in inspect.signature(train_command, eval_str=True).parameters.values() if p.name not in taken]
+    command.__signature__ = inspect.Signature([*own, *borrowed])
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
+
+
+@app.command("cv")
+@_with_train_options
+def cv_command(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/cv"), "--out", help="Folder: folds.json, fold-K run folders, oof.csv, "
+                             "suspects.csv/.png, cv.json, cv.png. Rerun the same command to continue it."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+    train_fraction: float = typer.Option(1.0, "--train-fraction", min=0.01, max=1.0,
+                                         help="Train each fold on this stratified share of its training images "
+                                              "(validation folds unchanged)."),
+    hamming: Optional[int] = typer.Option(None, "--hamming", min=0, max=64, show_default=False,
+                                          help="dHash bits near-identical images may differ by (they must also "
+                                               "correlate >= 0.9); they share a fold (default: asirra.crossval.HAMMING_THRESHOLD, 8)."),
+    suspects: int = typer.Option(24, "--suspects", min=0, help="Most confident label disagreements to list and draw."),
+    drop_from_training: Optional[Path] = typer.Option(None, "--drop-from-training", show_default=False,
+                                                      help="CSV with a key column (e.g. a suspects.csv): never train on "
+                                                           "these images; they are still validated in their fold."),
+    **train_options,
+) -> None:
+    """Stratified k-fold cross-validation (duplicates and near-duplicates never straddle folds), plus every
+    `asirra train` option; out-of-fold predictions and the most suspicious labels."""
+    from dataclasses import replace
+
+    from asirra import crossval
+    from asirra.data import DataError
+
+    try:
+        config = replace(_train_config(ctx), out=str(out))  # never a --config file's own run folder
+        drop = crossval.read_image_keys(drop_from_training) if drop_from_training else frozenset()
+        crossval.cross_validate(config, folds, train_fraction, crossval.HAMMING_THRESHOLD if hamming is None else hamming,
+                                suspects, drop_from_training=drop)
+    except (DataError, ValueError) as exc:
+        fail(str(exc))
+
+
+@app.command("ablate")
+def ablate_command(
+    config_file: Path = typer.Option(..., "--config", help="Ablation TOML: a baseline table of training settings, a cv table "
+                                     "(folds), variants.NAME tables of overrides (example: ablations/seed-cnn.toml)."),
+    out: Path = typer.Option(Path("runs/ablate"), "--out", help="Folder: one cross-validation per variant, "
+                             "report.md, ablation.png. Rerun the same command to continue it."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images (default: the file's baseline data, "
+                                        "else the --data lookup, its train/)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: report the variants finished so far."),
+) -> None:
+    """Cross-validate named variants of a baseline on the same folds; compare them (corrected resampled t-test)."""
+    from asirra.ablate import read_ablation, run_ablation
+    from asirra.data import DataError, labelled_split_dirs, resolve_data_root
+
+    try:
+        ablation = read_ablation(config_file)
+        if data is None and "data" in ablation.baseline:
+            data = Path(ablation.baseline["data"])
+        root = resolve_data_root(data)
+        run_ablation(ablation, str(labelled_split_dirs(root)[0] or root), out, train=not report_only)
+    except (DataError, ValueError) as exc:
+        fail(str(exc))
+
+
+from asirra import tune as _tune_defaults  # noqa: E402  (light: optuna and torch load inside its functions)
+
+
+@app.command("tune")
+def tune_command(
+    model: str = typer.Option(train_default("model"), "--model", help="seed-cnn (the notebook's search space) or "
+                              "effnet-lite0 / effnet-lite2 (head, top blocks and rates on cached activations)."),
+    trials: int = typer.Option(_tune_defaults.DEFAULT_TRIALS, "--trials", min=1,
+                               help="The study's total trials: a resumed or shared study runs only the rest."),
+    storage: Optional[str] = typer.Option(None, "--storage", show_default=False,
+                                          help="Study storage: a journal file (default OUT/study.log), sqlite:///FILE, "
+                                               "or redis://HOST:PORT/DB to share one study between machines."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default: asirra-MODEL).",
+                                        show_default=False),
+    timeout: Optional[float] = typer.Option(None, "--timeout", show_default=False,
+                                            help="Seconds this process may run; a running trial stops after its "
+                                                 "current epoch (recorded as pruned, noted as a timeout)."),
+    out: Path = typer.Option(Path("runs/tune"), "--out", help="trials/, trials.csv, best_config.json, plots, tune.json."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images (default: the --data lookup, its train/)."),
+    limit: int = typer.Option(_tune_defaults.DEFAULT_LIMIT, "--limit", min=0,
+                              help="Images in the tuning subset (0: all); the rest is where held-out images come from."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, show_default=False,
+                                         help=f"Most epochs a trial may draw (default: {_tune_defaults.DEFAULT_EPOCHS['seed-cnn']} "
+                                              f"for seed-cnn, {_tune_defaults.DEFAULT_TRANSFER_EPOCHS} for transfer)."),
+    heldout: int = typer.Option(_tune_defaults.DEFAULT_HELDOUT, "--heldout", min=0,
+                                help="Held-out images the best trial's model is scored on (0: skip)."),
+    seed: SeedOption = train_default("seed"),
+) -> None:
+    """Search training settings with Optuna (TPE, median pruning); the best becomes a config `train --config` runs."""
+    from asirra.data import DataError, labelled_split_dirs, resolve_data_root
+
+    try:
+        root = resolve_data_root(data)
+        settings = _tune_defaults.TuneSettings(
+            model=model, data=str(labelled_split_dirs(root)[0] or root), out=str(out), trials=trials, storage=storage,
+            study=study, timeout=timeout, limit=limit or None, epochs=epochs, seed=seed, heldout=heldout)
+        _tune_defaults.tune(settings)
+    except (DataError, ValueError) as exc:
+        fail(str(exc))
 
 
 @app.command("evaluate")
@@ -201,6 +349,8 @@ def evaluate_command(
     tta: TtaOption = None,
     seed: SeedOption = 0,
     as_json: JsonFlag = False,
+    explain: bool = typer.Option(True, "--explain/--no-explain",
+                                 help="Draw each mistake in mistakes.png under its Grad-CAM map (a backward pass for <= 24 images)."),
 ) -> None:
     """Accuracy, log loss, AUC, confusion, and the share of 12-image challenges solved; plots in OUT."""
     from asirra.data import DataError, labelled_split_dirs, resolve_data_root, scan
@@ -212,7 +362,7 @@ def evaluate_command(
         refs = scan(labelled_split_dirs(root)[0] or root, labelled=True)
         refs = evaluation_sample(refs, Path(split) / "split.json" if split is not None else None, limit, seed)
         evaluation = evaluate_model(_classifier(model, backend, tta), refs, out, n_challenges=challenges, seed=seed,
-                                    info={"data": str(root)})
+                                    info={"data": str(root)}, explain=explain)
     except (DataError, ValueError) as exc:
         fail(str(exc))
     _report_skips(evaluation.predictions)
@@ -278,6 +428,35 @@ def predict_command(
     typer.echo(f"{len(preds.refs)} predictions -> {out}" + (f" ({len(preds.unusable)} unreadable skipped)" if preds.unusable else ""))
     if grid is not None:
         typer.echo(f"grid: {plot_predictions(preds, grid)}")
+
+
+@app.command("explain")
+def explain_command(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (or .zip) of images.", show_default=False),
+    model: ModelOption = None,
+    out: Path = typer.Option(Path("runs/explain"), "--out", help="Folder for one overlay PNG per image, grid.png, explain.json."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Explain a random sample of this many images."),
+    seed: SeedOption = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Grad-CAM heat maps: where in each picture the model found the evidence for the class it predicted."""
+    from asirra.explain import collect_refs, explain_refs, summary_lines
+
+    try:
+        refs = collect_refs(images, limit=limit, seed=seed)
+        clf = _classifier(model, "torch")  # Grad-CAM needs the PyTorch module's gradients
+        report = explain_refs(clf.model, clf.config, refs, out)
+    except ValueError as exc:
+        fail(str(exc))
+    for item in report.skipped:
+        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    if not report.images:
+        fail(f"none of the {len(refs)} images could be read")
+    if as_json:
+        emit_json(json.loads(report.files["json"].read_text()))
+        return
+    for line in summary_lines(report):
+        typer.echo(line)
 
 
 @app.command("export")

@@ -23,6 +23,10 @@ class Schedule(str, Enum):
     onecycle = "onecycle"
 
 
+# adamw: decoupled weight decay; sgd: momentum 0.9, weight_decay as classic L2; rmsprop: Keras' rho 0.9.
+OPTIMIZERS = ("adamw", "sgd", "rmsprop")
+
+
 @dataclass
 class AugmentConfig:
     rotation_deg: float = 15.0
@@ -45,6 +49,7 @@ class TrainConfig:
     lr: float = 1e-3
     backbone_lr_scale: float = 0.1  # finetune: backbone learns at lr * this
     weight_decay: float = 0.0  # L2 on the weights (AdamW's decoupled form)
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     label_smoothing: float = 0.0
     schedule: Schedule = Schedule.plateau
     val_fraction: float = 0.2
@@ -76,6 +81,7 @@ class TrainConfig:
             (self.epochs >= 1 and self.batch_size >= 2, "epochs must be >= 1 and batch size >= 2"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.lr > 0 and self.weight_decay >= 0, "lr must be positive and weight_decay non-negative"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -185,6 +185,7 @@ def write_evaluation(
     out_dir: Path,
     k_mistakes: int = 24,
     p_dog_calibrated=None,
+    mistakes_note: str = "",
 ) -> dict[str, Path]:
     """Write metrics.json, confusion.png, roc.png, reliability.png and mistakes.png into `out_dir`.
 
@@ -208,7 +209,7 @@ def write_evaluation(
             [f"{names[i]}  P(dog)={p[i]:.2f}" for i in mistakes],
             out_dir / "mistakes.png",
             colors=["red"] * len(mistakes),
-            title=f"{len(mistakes)} most confident mistakes" if mistakes else "no mistakes",
+            title=(f"{len(mistakes)} most confident mistakes" if mistakes else "no mistakes") + mistakes_note,
         ),
     }
 
@@ -224,11 +225,12 @@ class Evaluation:
 
 
 def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int = 10_000, seed: int = 0,
-                   info: dict | None = None, progress: bool = True) -> Evaluation:
+                   info: dict | None = None, progress: bool = True, explain: bool = False) -> Evaluation:
     """Classify labelled refs, score them and write the report and plots into `out_dir`.
 
     The one evaluation pipeline: `asirra evaluate`, the demo and the experiment commands call it.
-    Unreadable images are skipped and listed in `predictions.unusable`, never fatal.
+    Unreadable images are skipped and listed in `predictions.unusable`, never fatal. With `explain`,
+    mistakes.png shows each mistake under its Grad-CAM map of the (wrongly) predicted class.
     """
     from asirra.images import read_pixels
     from asirra.predict import predict_refs
@@ -238,7 +240,16 @@ def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int 
         raise InvalidPredictions("no readable images to evaluate")
     context = {"model": classifier.name, "backend": classifier.backend, "unusable": len(preds.unusable), **(info or {})}
     report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=n_challenges, seed=seed, info=context)
-    files = write_evaluation(report, preds.labels, preds.p_dog,
-                             lambda idx: [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx],
-                             [r.name for r in preds.refs], out_dir)
+
+    def pictures(idx: list[int]) -> list[np.ndarray]:
+        if not explain:
+            return [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx]
+        from asirra.explain import gradcam_overlays
+
+        # The torch module explains the call the scoring backend made: that call is the target.
+        return gradcam_overlays(classifier.model, classifier.image_size, [preds.refs[i].read_bytes() for i in idx],
+                                targets=predicted_labels(preds.p_dog[idx]), tta=classifier.tta)
+
+    files = write_evaluation(report, preds.labels, preds.p_dog, pictures, [r.name for r in preds.refs], out_dir,
+                             mistakes_note=" (Grad-CAM of the predicted class)" if explain else "")
     return Evaluation(report, preds, files)

@@ -20,6 +20,7 @@ from torch import nn
 
 from asirra.augment import random_affine, to_float_batch
 from asirra.config import Strategy, TrainConfig
+from asirra.distributed import local_batch_size, rank_seed, shard
 from asirra.models import PretrainedClassifier, model_for, pretrained_models
 from asirra.transfer import cached_activations
 
@@ -100,19 +101,20 @@ class PixelTask:
             return [{"params": params}]
         return head_and_backbone_groups(params, head, config)
 
-    def _batches(self, order: np.ndarray):
-        for start in range(0, len(order), self.config.batch_size):
-            chunk = order[start : start + self.config.batch_size]
+    def _batches(self, order: np.ndarray, batch_size: int):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
             chunk = np.sort(chunk)  # ascending rows read the memmap sequentially
             yield self.cached.pixels(chunk), self.labels[chunk]
 
     def train_batches(self, epoch):
         rng = np.random.default_rng([self.config.seed, epoch])
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        order = rng.permutation(self.train_idx)
-        if len(order) % self.config.batch_size == 1:
+        generator = torch.Generator().manual_seed(rank_seed(self.config.seed * 100_003 + epoch))
+        # Under torch.distributed each rank takes its share of the one permutation (unchanged for one process).
+        order, batch_size = shard(rng.permutation(self.train_idx)), local_batch_size(self.config.batch_size)
+        if len(order) % batch_size == 1:
             order = order[:-1]  # a batch of one breaks batch norm
-        for pixels, targets in prefetch(self._batches(order)):
+        for pixels, targets in prefetch(self._batches(order, batch_size)):
             x = to_float_batch(pixels, self.config.channels_last)
             if self.config.augment:
                 x = random_affine(x, self.config.augment, generator)
@@ -125,7 +127,7 @@ class PixelTask:
     def val_logits(self):
         self.model.eval()
         logits = []
-        for pixels, _ in prefetch(self._batches(self.val_idx)):
+        for pixels, _ in prefetch(self._batches(self.val_idx, self.config.batch_size)):
             x = to_float_batch(pixels, self.config.channels_last)
             # fp32, as served: the temperature and the recorded figures come from these logits.
             z = self._forward(x).float()
@@ -183,10 +185,10 @@ class CachedActivationTask:
 
     def train_batches(self, epoch):
         rng = np.random.default_rng([self.config.seed, epoch])
-        order = rng.permutation(self.train_idx)
+        order, batch_size = shard(rng.permutation(self.train_idx)), local_batch_size(self.config.batch_size)
         n_views = self.activations.shape[1]
-        for start in range(0, len(order), self.config.batch_size):
-            chunk = np.sort(order[start : start + self.config.batch_size])
+        for start in range(0, len(order), batch_size):
+            chunk = np.sort(order[start : start + batch_size])
             views = rng.integers(0, n_views, len(chunk))
             h = torch.from_numpy(np.asarray(self.activations[chunk, views], dtype=np.float32))
             yield h, self.labels[chunk]

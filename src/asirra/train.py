@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from tqdm import tqdm
 
 from asirra.calibration import apply_temperature, fit_temperature, predicted_labels
 from asirra.config import Schedule, TrainConfig
+from asirra.distributed import (agree, average_buffers, average_gradients, broadcast_parameters, main_first,
+                                main_only, sum_over_ranks, threads_per_process, world)
 from asirra.fileio import atomic_path, write_json_atomic
 from asirra.models import ModelConfig, available_models, input_size, save_model
 from asirra.splits import drop_duplicate_content, load_split, save_split, stratified_split, stratified_subset
@@ -46,15 +49,15 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
     it and may raise to prune the run (the run folder then stays resumable).
     """
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(task.parameter_groups(config), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _make_optimizer(task.parameter_groups(config), config)
     steps_per_epoch = max(1, math.ceil(task.n_train() / config.batch_size))
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0}
 
     checkpoint = run / "checkpoint.pt"
-    if resume and checkpoint.exists():
-        # weights_only: a checkpoint is tensors and plain containers; nothing executable is unpickled.
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # Rank 0 reads it for every rank: the run folder need only exist on rank 0's machine.
+    saved = main_only(_read_checkpoint, checkpoint) if resume else None
+    if saved is not None:
         try:
             task.model.load_state_dict(saved["model"])
         except RuntimeError as exc:
@@ -63,9 +66,10 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         print(f"resuming {run} after epoch {state['epoch']}")
-    if resume:
+    if resume and world().is_main:
         # Also without a checkpoint: a first epoch can be logged and killed before its checkpoint lands.
         _truncate_metrics(run / "metrics.csv", state["epoch"])
+    broadcast_parameters(task.model)
 
     stopped_early = state["bad_epochs"] >= config.patience
     if stopped_early:
@@ -73,8 +77,9 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
     for epoch in range(state["epoch"], state["epoch"] if stopped_early else config.epochs):
         started = time.perf_counter()
         train_loss, train_acc = _train_one_epoch(task, optimizer, scheduler, config, epoch)
-        val_logits, val_labels = task.val_logits()
-        val_loss, val_acc = loss_and_accuracy(val_logits, val_labels)
+        average_buffers(task.model)
+        # Rank 0 validates and every rank acts on its figures: one early-stopping and LR decision per run.
+        val_loss, val_acc = main_only(lambda: loss_and_accuracy(*task.val_logits()))
         lr = optimizer.param_groups[0]["lr"]  # the head's (or the only) group
         if config.schedule == Schedule.plateau:
             scheduler.step(val_acc)
@@ -82,14 +87,17 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
         improved = val_loss < state["best_val_loss"]
         if improved:
             state.update(best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-            save_model(task.model, ModelConfig(config.model, input_size(config), options=config.model_options), run / "model")
+            if world().is_main:
+                save_model(task.model, ModelConfig(config.model, input_size(config), options=config.model_options),
+                           run / "model")
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                    lr=lr, seconds=round(time.perf_counter() - started, 2))
-        _append_metrics(run / "metrics.csv", row)
-        _save_checkpoint(checkpoint, task, optimizer, scheduler, state)
+        if world().is_main:
+            _append_metrics(run / "metrics.csv", row)
+            _save_checkpoint(checkpoint, task, optimizer, scheduler, state)
         print(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
               f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}{'  *' if improved else ''}")
         if on_epoch is not None:
@@ -112,6 +120,7 @@ def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, 
         loss = F.binary_cross_entropy_with_logits(logits, smoothed_targets(targets, config.label_smoothing))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(p for group in optimizer.param_groups for p in group["params"])
         optimizer.step()
         if config.schedule != Schedule.plateau:
             scheduler.step()
@@ -119,6 +128,7 @@ def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, 
         total_correct += _n_correct(logits.detach(), targets)
         seen += len(targets)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.3f}")
+    total_loss, total_correct, seen = sum_over_ranks([total_loss, total_correct, seen])
     return total_loss / max(seen, 1), total_correct / max(seen, 1)
 
 
@@ -135,6 +145,14 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     """Unsmoothed log loss and accuracy of fp32 logits: what validation and early stopping watch."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()).item()
     return loss, _n_correct(logits.float(), labels) / max(1, len(labels))
+
+
+def _make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.lr, alpha=0.9, eps=1e-7, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
@@ -179,6 +197,11 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         writer.writerows(rows)
 
 
+def _read_checkpoint(path: Path) -> dict | None:
+    # weights_only: a checkpoint is tensors and plain containers; nothing executable is unpickled.
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
 def _save_checkpoint(path: Path, task, optimizer, scheduler, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -195,6 +218,7 @@ def environment() -> dict:
         "pillow": PIL.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        "processes": world().size,  # data-parallel ranks (torch.distributed)
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -243,14 +267,11 @@ def reuse_freed_memory(enabled: bool = True) -> None:
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Build the run folder, the data and its split; fit; calibrate; write final metrics and plots."""
-    run = prepare_run(config, resume)
+    run = main_only(prepare_run, config, resume)
     timings = Timings()
-    cached = load_pixels(config, run)
-    if resume and (run / "split.json").exists():
-        train_idx, val_idx = load_split(run, cached)
-    else:
-        train_idx, val_idx = stratified_split(cached.labels, config.val_fraction, config.seed)
-        save_split(run, cached, train_idx, val_idx)
+    cached = main_first(load_pixels, config, run)  # one process per machine decodes into the cache, then the others
+    agree(cached.keys, "images under --data")  # the split's positions must mean the same images on every rank
+    train_idx, val_idx = main_only(_split, run, cached, config, resume)
     print(f"{len(train_idx)} training and {len(val_idx)} validation images "
           f"({len(cached.unusable)} unusable skipped); run folder {run}")
     timings.lap("decode_and_cache_pixels")
@@ -258,12 +279,20 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return run
 
 
+def _split(run: Path, cached, config: TrainConfig, resume: bool) -> tuple[np.ndarray, np.ndarray]:
+    if resume and (run / "split.json").exists():
+        return load_split(run, cached)
+    train_idx, val_idx = stratified_split(cached.labels, config.val_fraction, config.seed)
+    save_split(run, cached, train_idx, val_idx)
+    return train_idx, val_idx
+
+
 def load_pixels(config: TrainConfig, run: Path):
     """The config's images decoded once into the pixel cache; unusable and duplicate files reported in `run`."""
     from asirra.cache import PixelCache
     from asirra.data import scan
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads_per_process())
     reuse_freed_memory()
     refs = scan(config.data, labelled=True)
     refs = [refs[i] for i in stratified_subset(np.array([r.label for r in refs]), config.limit, config.seed)]
@@ -281,10 +310,15 @@ def train_on(cached, train_idx, val_idx, config: TrainConfig, run: Path, resume:
     """
     timings = timings or Timings()
     torch.manual_seed(config.seed)  # the initial weights (and a transfer head) are part of what the seed fixes
-    task = make_task(cached, train_idx, val_idx, config)
+    task = main_first(make_task, cached, train_idx, val_idx, config)  # an activation cache is filled once per machine
     timings.lap("backbone_features")
     fit(task, config, run, resume=resume, on_epoch=on_epoch)
     timings.lap("training")
+    return main_only(_conclude, run, task, cached, val_idx, config, timings)
+
+
+def _conclude(run: Path, task, cached, val_idx, config: TrainConfig, timings: "Timings") -> dict:
+    """Curves, calibration and the final metrics and predictions of a fitted task, into its run folder."""
     from asirra.plots import plot_curves
 
     plot_curves(run / "metrics.csv", run / "curves.png")
@@ -350,8 +384,20 @@ def write_val_predictions(run: Path, cached, val_idx, p_dog: np.ndarray) -> Path
 
 
 def _report_unusable(run: Path, unusable: list[dict]) -> None:
+    if not world().is_main:
+        return  # every rank finds the same files; rank 0 reports them
     write_json_atomic(run / "unusable.json", unusable)
     for item in unusable[:10]:
         print(f"skipped {item['path']}: {item['reason']}")
     if len(unusable) > 10:
         print(f"... and {len(unusable) - 10} more (see {run / 'unusable.json'})")
+
+
+if __name__ == "__main__":
+    # `torchrun ... -m asirra.train [train options]` runs `asirra train [train options]` on every rank.
+    # The command is reached through its console-script entry point because asirra.cli imports this
+    # module (imports run one way).
+    from importlib.metadata import entry_points
+
+    (asirra_command,) = entry_points(group="console_scripts", name="asirra")
+    asirra_command.load()(["train", *sys.argv[1:]], prog_name="asirra train")

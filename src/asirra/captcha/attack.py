@@ -1,8 +1,10 @@
 """A bot against a live CAPTCHA service: fetch a challenge, classify its 12 photos, answer. Repeat.
 
 It uses only the public HTTP API, as any client would, with one cookie jar per concurrent worker
-(like separate browser profiles). A refusal from the server (429, 5xx...) is counted in the report,
-never raised: measuring how often the defences say no is part of the point.
+(like separate browser profiles). It behaves as a patient bot does: told "429/503, Retry-After N",
+it waits N seconds and sends the same request again. A challenge the service would not let it
+finish is a *refusal*, counted by kind and never as a failed challenge, so `solve_rate` (passed /
+answered) measures the classifier and passes per hour measures what the rate limits leave of it.
 """
 
 from __future__ import annotations
@@ -11,18 +13,25 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import httpx
 import numpy as np
 from tqdm import tqdm
 
+from asirra.captcha.counter import Pipeline
+from asirra.evaluate import wilson_interval
 from asirra.images import UnusableImage
 
 VERDICTS = ("pass", "almost", "fail")
-MAX_BACKOFF = 5.0  # seconds: honour Retry-After, but never stall a run on one long wait
+RETRYABLE = (429, 503)  # statuses whose Retry-After says "the same request will work later"
+DEFAULT_MAX_WAIT = 300.0  # seconds of waiting per run before refusals stop being waited out
 # Drop idle connections well before a server's keep-alive timeout (uvicorn's default is 5 s), so
 # a request is never sent on a connection the server is closing at that moment.
 LIMITS = httpx.Limits(keepalive_expiry=2.0)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class AttackError(ValueError):
@@ -41,52 +50,113 @@ class Refused(Exception):
 class AttackReport:
     url: str
     model: str
+    backend: str | None = None  # the classifier's inference engine, when it has one
+    preprocess: str = "none"
+    max_wait: float = DEFAULT_MAX_WAIT
     attempted: int = 0
-    results: Counter = field(default_factory=Counter)  # verdict -> challenges
-    errors: Counter = field(default_factory=Counter)  # "429", "503", "ConnectError"... -> challenges
-    latencies_ms: list[float] = field(default_factory=list)  # challenge fetched -> verdict received
-    seconds: float = 0.0
+    results: Counter = field(default_factory=Counter)  # verdict -> challenges answered
+    refused: Counter = field(default_factory=Counter)  # "429", "410", "ConnectError"... -> challenges without a verdict
+    retries: int = 0  # requests sent again after waiting out a Retry-After
+    waited: float = 0.0  # seconds paused on Retry-After, summed over workers
+    wait_budget_exhausted: bool = False  # a Retry-After was not waited out because max_wait was spent
+    latencies_ms: list[float] = field(default_factory=list)  # answered challenges, fetch -> verdict, waits excluded
+    wall_seconds: float = 0.0
 
     @property
-    def solved(self) -> int:
+    def answered(self) -> int:
+        return sum(self.results.values())
+
+    @property
+    def passed(self) -> int:
         return self.results["pass"]
 
     @property
-    def solve_rate(self) -> float:
-        """Passes over attempts: a challenge lost to a refusal counts as not solved."""
-        return self.solved / self.attempted if self.attempted else 0.0
+    def solve_rate(self) -> float | None:
+        """Passes over answered challenges: the classifier's figure, refusals left out."""
+        return self.passed / self.answered if self.answered else None
+
+    @property
+    def solve_rate_ci(self) -> tuple[float, float] | None:
+        """Wilson 95% interval of `solve_rate`."""
+        return wilson_interval(self.passed, self.answered) if self.answered else None
+
+    @property
+    def passes_per_hour(self) -> float | None:
+        """What the bot achieved against the clock, waits and refusals included."""
+        return self.passed * 3600 / self.wall_seconds if self.wall_seconds > 0 else None
 
     def percentile_ms(self, q: float) -> float | None:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
     def to_dict(self) -> dict:
+        ci = self.solve_rate_ci
         return {
             "url": self.url,
             "model": self.model,
+            "backend": self.backend,
+            "preprocess": self.preprocess,
             "attempted": self.attempted,
-            "solved": self.solved,
-            "solve_rate": self.solve_rate,
+            "answered": self.answered,
+            "passed": self.passed,
             "results": {verdict: self.results[verdict] for verdict in VERDICTS},
-            "errors": dict(self.errors),
+            "solve_rate": self.solve_rate,
+            "solve_rate_ci": list(ci) if ci else None,
+            "refused": dict(self.refused),
+            "refused_total": sum(self.refused.values()),
+            "retries": self.retries,
+            "waited_seconds": self.waited,
+            "max_wait": self.max_wait,
+            "wait_budget_exhausted": self.wait_budget_exhausted,
+            "wall_seconds": self.wall_seconds,
+            "passes_per_hour": self.passes_per_hour,
             "p50_ms": self.percentile_ms(50),
             "p90_ms": self.percentile_ms(90),
             "p99_ms": self.percentile_ms(99),
-            "seconds": self.seconds,
-            "challenges_per_second": self.attempted / self.seconds if self.seconds else None,
         }
+
+    def summary_lines(self) -> list[str]:
+        """The report as text, for the CLI."""
+        results = ", ".join(f"{verdict} {self.results[verdict]}" for verdict in VERDICTS)
+        refused = ", ".join(f"{kind} x{count}" for kind, count in self.refused.items()) or "none"
+        rate = "n/a (none answered)"
+        if self.answered:
+            low, high = self.solve_rate_ci
+            rate = f"{self.solve_rate:.2%} (95% CI {low:.2%}-{high:.2%})"
+        per_hour = f"{self.passes_per_hour:,.0f}" if self.passes_per_hour is not None else "n/a"
+        lines = [
+            f"{self.model} ({self.backend or 'no backend'}, preprocess {self.preprocess}): "
+            f"attempted {self.attempted}, answered {self.answered} ({results}); solve rate among answered {rate}",
+            f"refused: {refused}; waited {self.waited:.1f} s on Retry-After ({self.retries} retries, "
+            f"budget {self.max_wait:g} s); wall {self.wall_seconds:.1f} s: {per_hour} passes per hour",
+        ]
+        if self.wait_budget_exhausted:
+            lines.append(f"the wait budget (--max-wait {self.max_wait:g}) ran out: later refusals were not waited out")
+        if self.latencies_ms:
+            lines.append(f"latency per answered challenge (waits excluded): p50 {self.percentile_ms(50):.0f} ms, "
+                         f"p90 {self.percentile_ms(90):.0f} ms, p99 {self.percentile_ms(99):.0f} ms")
+        return lines
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (the delta form; an HTTP date is not worth a bot's trouble)."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 and np.isfinite(seconds) else None
 
 
 def _ok(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
-        retry_after = response.headers.get("retry-after", "")
-        wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
-        raise Refused(str(response.status_code), wait)
+        retry_after = _retry_after(response) if response.status_code in RETRYABLE else None
+        raise Refused(str(response.status_code), retry_after)
     return response
 
 
 def _json(response: httpx.Response, *keys: str) -> dict:
     try:
-        body = _ok(response).json()
+        body = response.json()
     except ValueError:
         raise Refused("not JSON") from None
     if not isinstance(body, dict) or any(key not in body for key in keys):
@@ -94,59 +164,116 @@ def _json(response: httpx.Response, *keys: str) -> dict:
     return body
 
 
-async def solve_one(client: httpx.AsyncClient, solve) -> str:
+class Pacer:
+    """One worker's pause on Retry-After, drawing on the run's wait budget.
+
+    The service limits per client, so when one request is told to wait, the worker's other
+    requests (the 12 images are fetched at once) wait for the same moment: the pause is counted
+    once, not once per request.
+    """
+
+    def __init__(self, report: AttackReport, clock: Clock, sleep: Sleep):
+        self.report, self.clock, self.sleep = report, clock, sleep
+        self.until = 0.0
+        self.waited = 0.0  # this worker's share of report.waited
+
+    async def ready(self) -> None:
+        while (delay := self.until - self.clock()) > 0:
+            await self.sleep(delay)
+
+    def pause(self, refusal: Refused) -> bool:
+        """Schedule the wait a refusal asks for; False when it cannot be retried (or the budget is spent)."""
+        if refusal.retry_after is None:
+            return False
+        now = self.clock()
+        until = now + refusal.retry_after
+        extra = max(0.0, until - max(self.until, now))
+        if self.report.waited + extra > self.report.max_wait:
+            self.report.wait_budget_exhausted = True
+            return False
+        self.report.waited += extra
+        self.waited += extra
+        self.until = max(self.until, until)
+        self.report.retries += 1
+        return True
+
+    async def send(self, request: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+        """The response to `request`, sent again after each wait the server asks for, until it is not refused."""
+        while True:
+            await self.ready()
+            try:
+                return _ok(await request())
+            except Refused as refusal:
+                if not self.pause(refusal):
+                    raise
+
+
+async def solve_one(client: httpx.AsyncClient, pacer: Pacer, solve) -> str:
     """One challenge end to end; `solve` maps the 12 JPEGs to is-a-cat flags. Returns the verdict."""
-    challenge = _json(await client.post("/api/challenge"), "id", "images")
-    replies = await asyncio.gather(*(client.get(url) for url in challenge["images"]))
-    cats = await solve([_ok(reply).content for reply in replies])
+    challenge = _json(await pacer.send(lambda: client.post("/api/challenge")), "id", "images")
+    replies = await asyncio.gather(*(pacer.send(lambda url=url: client.get(url)) for url in challenge["images"]),
+                                   return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    cats = await solve([reply.content for reply in replies])
     selected = [index for index, is_cat in enumerate(cats) if is_cat]
-    verdict = _json(await client.post(f"/api/challenge/{challenge['id']}/answer", json={"selected": selected}), "result")
+    answer_url = f"/api/challenge/{challenge['id']}/answer"
+    verdict = _json(await pacer.send(lambda: client.post(answer_url, json={"selected": selected})), "result")
     if verdict["result"] not in VERDICTS:
         raise Refused("unexpected reply")
     return verdict["result"]
 
 
-async def attack_async(url: str, n: int, classifier, concurrency: int = 1, timeout: float = 30.0,
-                       progress: bool = False, transport: httpx.AsyncBaseTransport | None = None) -> AttackReport:
-    report = AttackReport(url=url, model=getattr(classifier, "name", type(classifier).__name__))
+async def attack_async(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float = 30.0,
+                       max_wait: float = DEFAULT_MAX_WAIT, preprocess: Pipeline | None = None, progress: bool = False,
+                       transport: httpx.AsyncBaseTransport | None = None, clock: Clock = time.perf_counter,
+                       sleep: Sleep = asyncio.sleep) -> AttackReport:
+    preprocess = preprocess or Pipeline()
+    report = AttackReport(url=url, model=getattr(classifier, "name", type(classifier).__name__),
+                          backend=getattr(classifier, "backend", None), preprocess=preprocess.spec, max_wait=max_wait)
     tickets = iter(range(n))  # shared by the workers; next() never awaits, so no lock is needed
     # One classification at a time: the model already uses every core, and a classifier object
     # is not promised to be thread-safe. Network waits of the other workers still overlap it.
     model_lock = asyncio.Lock()
     bar = tqdm(total=n, desc="attacking", unit="challenge", disable=not progress, leave=False)
 
+    def classify(images: list[bytes]) -> list[bool]:
+        return classifier.solve(preprocess.apply_all(images))
+
     async def solve(images: list[bytes]) -> list[bool]:
         async with model_lock:
-            return await asyncio.to_thread(classifier.solve, images)
+            return await asyncio.to_thread(classify, images)
 
     async def worker() -> None:
+        pacer = Pacer(report, clock, sleep)
         async with httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, limits=LIMITS) as client:
             for _ in tickets:
                 report.attempted += 1
-                started = time.perf_counter()
+                started, waited_before = clock(), pacer.waited
                 try:
-                    report.results[await solve_one(client, solve)] += 1
-                    report.latencies_ms.append((time.perf_counter() - started) * 1000)
+                    report.results[await solve_one(client, pacer, solve)] += 1
+                    working = clock() - started - (pacer.waited - waited_before)
+                    report.latencies_ms.append(max(0.0, working) * 1000)
                 except Refused as exc:
-                    report.errors[exc.kind] += 1
-                    if exc.retry_after:
-                        await asyncio.sleep(min(exc.retry_after, MAX_BACKOFF))
+                    report.refused[exc.kind] += 1
                 except httpx.HTTPError as exc:
-                    report.errors[type(exc).__name__] += 1
+                    report.refused[type(exc).__name__] += 1
                 except UnusableImage:
-                    report.errors["unusable image"] += 1
+                    report.refused["unusable image"] += 1
                 bar.update(1)
+                bar.set_postfix(passed=report.passed, refused=sum(report.refused.values()), refresh=False)
 
-    started = time.perf_counter()
+    started = clock()
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
         bar.close()
-    report.seconds = time.perf_counter() - started
+    report.wall_seconds = clock() - started
     return report
 
 
-def check_settings(url: str, n: int, concurrency: int) -> None:
+def check_settings(url: str, n: int, concurrency: int, max_wait: float = DEFAULT_MAX_WAIT) -> None:
     """AttackError for settings that cannot work: checked before a model is loaded for nothing."""
     if not url.startswith(("http://", "https://")):
         raise AttackError(f"the URL must start with http:// or https://, got {url!r}")
@@ -154,16 +281,26 @@ def check_settings(url: str, n: int, concurrency: int) -> None:
         raise AttackError(f"the number of challenges must be at least 1, got {n}")
     if concurrency < 1:
         raise AttackError(f"concurrency must be at least 1, got {concurrency}")
+    if not max_wait >= 0:
+        raise AttackError(f"the wait budget must be 0 seconds or more, got {max_wait}")
 
 
-def attack(url: str, n: int, classifier, concurrency: int = 1, timeout: float = 30.0,
-           progress: bool = False, transport: httpx.AsyncBaseTransport | None = None) -> AttackReport:
-    """Solve `n` challenges at `url` with `classifier` (anything with .solve(list of JPEG bytes)).
+def attack(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float = 30.0,
+           max_wait: float = DEFAULT_MAX_WAIT, preprocess: Pipeline | None = None, progress: bool = False,
+           transport: httpx.AsyncBaseTransport | None = None, clock: Clock = time.perf_counter,
+           sleep: Sleep = asyncio.sleep) -> AttackReport:
+    """Attempt `n` challenges at `url` with `classifier` (anything with .solve(list of images)).
 
-    `transport` lets tests attack an app in-process (httpx.ASGITransport) instead of over a socket.
+    `max_wait` bounds the seconds spent waiting out Retry-After over the whole run (summed over
+    workers): once spent, a refusal is recorded as refused instead of being waited out.
+    `preprocess` runs on each served image before the classifier sees it (asirra.captcha.counter).
+    `transport` lets tests attack an app in-process (httpx.ASGITransport) instead of over a socket;
+    `clock` and `sleep` let them pass time without waiting.
     """
-    check_settings(url, n, concurrency)
-    return asyncio.run(attack_async(url, n, classifier, concurrency, timeout, progress, transport))
+    check_settings(url, n, concurrency, max_wait)
+    return asyncio.run(attack_async(url, n, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
+                                    preprocess=preprocess, progress=progress, transport=transport, clock=clock,
+                                    sleep=sleep))
 
 
 class RandomGuesser:

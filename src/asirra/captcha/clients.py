@@ -5,15 +5,25 @@ tells apart people behind one address (an office NAT); the address keeps trackin
 simply drops its cookie. Every table here is bounded (least recently seen entries are forgotten
 first), so a flood of new cookies or addresses costs memory in proportion to the bound, not to
 the flood.
+
+Sites are clients too: a web site that embeds the CAPTCHA holds a public site key (sent with
+each challenge request) and a secret (sent server to server to /api/verify). A passed challenge
+earns a pass token bound to its site key; the token's MAC proves the service minted it for that
+site, and the store (single use, short expiry) proves it was not spent yet.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Generic, Iterable, TypeVar
 
 from asirra.captcha.safeguards import Safeguard, Verdict
@@ -124,3 +134,122 @@ class SafeguardStates:
 
 def worst(verdicts: Iterable[Verdict]) -> Verdict:
     return max(verdicts, key=_SEVERITY.__getitem__)
+
+
+# ---- keys shared by every worker, and the sites that use the service -----------------------
+
+MIN_SECRET_BYTES = 32
+SITE_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+MIN_SITE_SECRET, MAX_SITE_SECRET = 32, 256
+_TOKEN = re.compile(r"([A-Za-z0-9_-]{32})\.([A-Za-z0-9_-]{43})")
+
+
+class ClientConfigError(ValueError):
+    """A secret file or a sites file the service cannot use; the message is one line."""
+
+
+def read_secret_file(path: str | Path) -> bytes:
+    """The service's master secret: at least 32 bytes (surrounding whitespace ignored)."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read the secret file {path}: {exc.strerror or exc}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ClientConfigError(
+            f"the secret file {path} holds {len(secret)} bytes; it needs at least {MIN_SECRET_BYTES} random ones "
+            f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path})")
+    return secret
+
+
+def derive_key(secret: bytes, purpose: str) -> bytes:
+    """One key per purpose from the master secret, so a cookie MAC can never pass for a token MAC."""
+    return hmac.new(secret, f"asirra/{purpose}".encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class Site:
+    key: str  # public: the site's pages send it with each challenge request
+    secret: str  # private: the site's server sends it to /api/verify
+    name: str = ""
+
+
+class Sites:
+    """The sites allowed to request challenges and verify pass tokens."""
+
+    def __init__(self, sites: Iterable[Site] = ()):
+        self._sites = list(sites)
+        self._by_key = {site.key: site for site in self._sites}
+
+    def known(self, key: str) -> bool:
+        return key in self._by_key
+
+    def by_secret(self, secret: str) -> Site | None:
+        """The site holding `secret`, comparing against every site in constant time."""
+        found = None
+        for site in self._sites:
+            if hmac.compare_digest(site.secret.encode(), secret.encode()):
+                found = site
+        return found
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+
+def load_sites(path: str | Path) -> Sites:
+    """Sites from a JSON file: {"sites": [{"key": "...", "secret": "...", "name": "optional"}, ...]}."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read the sites file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ClientConfigError(f"the sites file {path} is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or set(payload) != {"sites"} or not isinstance(payload["sites"], list):
+        raise ClientConfigError(f'the sites file {path} must hold {{"sites": [{{"key": ..., "secret": ...}}, ...]}}')
+    sites = [_site(entry, path, i) for i, entry in enumerate(payload["sites"])]
+    for field in ("key", "secret"):
+        values = [getattr(site, field) for site in sites]
+        if len(set(values)) != len(values):
+            raise ClientConfigError(f"the sites file {path} gives two sites the same {field}")
+    return Sites(sites)
+
+
+def _site(entry: object, path, index: int) -> Site:
+    where = f"site {index} in {path}"
+    if not isinstance(entry, dict) or not {"key", "secret"} <= set(entry) <= {"key", "secret", "name"}:
+        raise ClientConfigError(f'{where} must be an object with "key", "secret" and optionally "name"')
+    if not all(isinstance(value, str) for value in entry.values()):
+        raise ClientConfigError(f"{where}: every value must be a string")
+    if not SITE_KEY.fullmatch(entry["key"]):
+        raise ClientConfigError(f"{where}: the key must be 8-64 characters of A-Z a-z 0-9 _ -")
+    if not MIN_SITE_SECRET <= len(entry["secret"]) <= MAX_SITE_SECRET or not entry["secret"].isprintable() \
+            or any(c.isspace() for c in entry["secret"]):
+        raise ClientConfigError(f"{where}: the secret must be {MIN_SITE_SECRET}-{MAX_SITE_SECRET} printable "
+                                "characters without spaces")
+    return Site(entry["key"], entry["secret"], entry.get("name", ""))
+
+
+class PassTokens:
+    """Mints pass tokens "<nonce>.<MAC of nonce and site key>" and opens only genuine ones.
+
+    The MAC binds a token to its site without storing anything; the nonce is what the store
+    keeps (and deletes on first use), which makes the token single-use and short-lived.
+    """
+
+    def __init__(self, key: bytes | None = None):
+        self._key = key or secrets.token_bytes(32)
+
+    def _mac(self, nonce: str, sitekey: str) -> str:
+        digest = hmac.new(self._key, f"{nonce}.{sitekey}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def mint(self, sitekey: str) -> tuple[str, str]:
+        """A new (nonce, token) for `sitekey`."""
+        nonce = secrets.token_urlsafe(24)
+        return nonce, f"{nonce}.{self._mac(nonce, sitekey)}"
+
+    def open(self, token: str, sitekey: str) -> str | None:
+        """The nonce of a token minted here for `sitekey`; None for a forged, mangled or other site's one."""
+        match = _TOKEN.fullmatch(token)
+        if match and hmac.compare_digest(match[2], self._mac(match[1], sitekey)):
+            return match[1]
+        return None

@@ -7,38 +7,50 @@ What a client may learn, and what it may not:
   bytes identifies a pool image across challenges (a perceptual hash still would: the pool must
   stay large and private, as Asirra's was);
 - a challenge is answered at most once and before it expires; a replayed, expired, unknown or
-  malformed answer is a 4xx with a JSON {"error": ...} and changes no state.
+  malformed answer is a 4xx with a JSON {"error": ...} and changes no state;
+- a challenge requested for a site (`POST /api/challenge?sitekey=KEY`) earns, when passed, a
+  single-use pass token that the site's server checks with `POST /api/verify` (as reCAPTCHA's and
+  Turnstile's siteverify): the browser's word alone never convinces a site.
 
-Tests find answers through `app.state.store.peek(id)`, in-process; no route exposes them.
+State lives in a store (`asirra.captcha.store`): this process's memory by default, or one Redis
+shared by any number of workers (`ServiceSettings.redis_url`). When the store is unreachable,
+clients get a 503 JSON error with Retry-After, and the next request after it returns just works.
+
+Tests find answers through `app.state.store.peek(id)`; no route exposes them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import random
-import secrets
 import socket
+import tempfile
 import threading
 import time
-from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+from urllib.parse import parse_qsl
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from asirra.captcha.challenge import CHALLENGE_SIZE, Challenge, count_mistakes, draw_indices
-from asirra.captcha.clients import CookieSigner, RateLimiter, SafeguardStates
-from asirra.captcha.safeguards import Safeguard
+from asirra.captcha.challenge import CHALLENGE_SIZE, count_mistakes, draw_indices
+from asirra.captcha.clients import CookieSigner, PassTokens, Sites, derive_key, load_sites, read_secret_file
+from asirra.captcha.safeguards import Safeguard, describe, parse_safeguard
+from asirra.captcha.store import (Closed, Full, Limit, MemoryStore, RedisStore, StoreError, StoreSettings, Unavailable,
+                                  Unknown, ordered_pool)
 from asirra.images import UnusableImage
 
 log = logging.getLogger(__name__)
@@ -82,11 +94,17 @@ class ServiceSettings:
     image_quality: tuple[int, int] = (72, 90)
     max_crop: float = 0.06  # fraction trimmed from each edge, drawn per request
     seed: int | None = None  # which challenges are drawn; never the tokens or the image jitter
-    secret: bytes | None = None  # cookie-signing key; random per process when None
+    secret: bytes | None = None  # master key for cookies and pass tokens; random per process when None
+    redis_url: str | None = None  # the shared store; None keeps state in this process
+    pass_ttl_seconds: float = 120.0  # a pass token must be verified by the site this soon
+    verify_rate: float = 100.0  # /api/verify calls per second per address (a site's server)...
+    verify_burst: int = 200
+    max_verify_bytes: int = 2048  # secret + token + remote IP, form or JSON
 
     def __post_init__(self) -> None:
         positive = ("ttl_seconds", "max_challenges", "max_per_client", "challenge_rate",
-                    "challenge_burst", "request_rate", "request_burst", "max_body_bytes", "max_clients")
+                    "challenge_burst", "request_rate", "request_burst", "max_body_bytes", "max_clients",
+                    "pass_ttl_seconds", "verify_rate", "verify_burst", "max_verify_bytes")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ServiceError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -110,96 +128,20 @@ class ApiError(Exception):
         return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
 
 
-@dataclass(frozen=True)
-class Issued:
-    id: str
-    challenge: Challenge
-    ip: str
-    expires_at: float
-    image_tokens: tuple[str, ...]
-
-
-class ChallengeStore:
-    """Draws challenges and holds the outstanding ones: the only place answers live.
-
-    Challenges are kept in issue order, which is also expiry order (one TTL for all), so
-    expiring is popping from the front. A closed challenge leaves a bounded tombstone saying why,
-    so a late or repeated answer gets a precise refusal rather than "unknown".
-    """
-
-    def __init__(self, pool: Sequence, settings: ServiceSettings, clock: Callable[[], float]):
-        self._pool, self._settings, self._clock = pool, settings, clock
-        self._rng = np.random.default_rng(settings.seed)
-        self._lock = threading.Lock()
-        self._live: OrderedDict[str, Issued] = OrderedDict()
-        self._images: dict[str, tuple[str, int]] = {}
-        self._by_ip: dict[str, OrderedDict[str, None]] = {}
-        self._closed: OrderedDict[str, ApiError] = OrderedDict()
-
-    def issue(self, ip: str) -> Issued:
-        with self._lock:
-            now = self._clock()
-            self._expire(now)
-            if len(self._live) >= self._settings.max_challenges:
-                raise ApiError(503, "the server is busy; try again shortly", retry_after=5)
-            mine = self._by_ip.setdefault(ip, OrderedDict())
-            while len(mine) >= self._settings.max_per_client:
-                self._close(next(iter(mine)), ApiError(410, "challenge was replaced by a newer one"))
-            # The pool was checked for labels at start-up: draw positions only, no rescan per request.
-            challenge = Challenge(refs=tuple(self._pool[int(i)] for i in draw_indices(len(self._pool), self._rng)))
-            tokens = tuple(secrets.token_urlsafe(16) for _ in challenge.refs)
-            issued = Issued(secrets.token_urlsafe(16), challenge, ip, now + self._settings.ttl_seconds, tokens)
-            self._live[issued.id] = issued
-            self._images.update((token, (issued.id, i)) for i, token in enumerate(tokens))
-            mine[issued.id] = None
-            return issued
-
-    def image(self, token: str):
-        """The pool image behind an image token of a live challenge."""
-        with self._lock:
-            self._expire(self._clock())
-            where = self._images.get(token)
-            if where is None:
-                raise ApiError(404, "unknown or expired image")
-            challenge_id, index = where
-            return self._live[challenge_id].challenge.refs[index]
-
-    def take(self, challenge_id: str) -> Issued:
-        """Remove and return a live challenge: the one step that makes answers single-use."""
-        with self._lock:
-            self._expire(self._clock())
-            issued = self._live.get(challenge_id)
-            if issued is None:
-                raise self._closed.get(challenge_id) or ApiError(404, "unknown challenge")
-            self._close(challenge_id, ApiError(409, "challenge already answered"))
-            return issued
-
-    def peek(self, challenge_id: str) -> Issued | None:
-        """A live challenge, answer included, without touching it: for tests, never for routes."""
-        with self._lock:
-            return self._live.get(challenge_id)
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def _expire(self, now: float) -> None:
-        while self._live:
-            oldest = next(iter(self._live.values()))
-            if oldest.expires_at > now:
-                break
-            self._close(oldest.id, ApiError(410, "challenge expired"))
-
-    def _close(self, challenge_id: str, reason: ApiError) -> None:
-        issued = self._live.pop(challenge_id)
-        for token in issued.image_tokens:
-            del self._images[token]
-        mine = self._by_ip[issued.ip]
-        del mine[challenge_id]
-        if not mine:
-            del self._by_ip[issued.ip]
-        self._closed[challenge_id] = reason
-        while len(self._closed) > self._settings.max_challenges:
-            self._closed.popitem(last=False)
+def refusal(exc: StoreError, unknown: str = "unknown challenge") -> ApiError:
+    """What the client is told when the store says no."""
+    if isinstance(exc, Closed):
+        if exc.reason == "answered":
+            return ApiError(409, "challenge already answered")
+        return ApiError(410, "challenge expired" if exc.reason == "expired" else "challenge was replaced by a newer one")
+    if isinstance(exc, Unknown):
+        return ApiError(404, unknown)
+    if isinstance(exc, Full):
+        return ApiError(503, "the server is busy; try again shortly", retry_after=5)
+    if isinstance(exc, Unavailable):
+        log.error("store unavailable: %s", exc)
+        return ApiError(503, "the challenge store is unavailable; try again shortly", retry_after=2)
+    raise TypeError(f"no refusal for {exc!r}")
 
 
 # ---- images --------------------------------------------------------------------------------
@@ -300,30 +242,107 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+VERIFY_FIELDS = ("secret", "response", "remoteip")  # remoteip is accepted, as siteverify does, and not used
+MAX_FIELD_CHARS = 512
+
+
+class VerifyRefused(Exception):
+    """A /api/verify request refused before any token is looked at: `status` and siteverify error codes."""
+
+    def __init__(self, status: int, codes: list[str], message: str):
+        super().__init__(message)
+        self.status, self.codes, self.message = status, codes, message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"success": False, "error-codes": self.codes, "error": self.message},
+                            status_code=self.status)
+
+
+def parse_verify(body: bytes, content_type: str) -> dict[str, str]:
+    """The fields of a siteverify request, sent as a form (as reCAPTCHA's) or as JSON (as Turnstile's)."""
+    bad = lambda message: VerifyRefused(400, ["bad-request"], message)  # noqa: E731
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise bad("the body is not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise bad('expected a JSON object {"secret": ..., "response": ...}')
+        fields = payload
+    else:
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+        except (ValueError, UnicodeDecodeError):
+            raise bad("the body is not a valid form") from None
+        if len({name for name, _ in pairs}) != len(pairs):
+            raise bad("each field may be sent once")
+        fields = dict(pairs)
+    unknown = sorted(set(fields) - set(VERIFY_FIELDS))
+    if unknown:
+        raise bad(f"unknown field {unknown[0][:40]!r}; expected {', '.join(VERIFY_FIELDS)}")
+    for name, value in fields.items():
+        if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
+            raise bad(f"{name} must be a string of at most {MAX_FIELD_CHARS} characters")
+    missing = [f"missing-input-{name}" for name in ("secret", "response") if not fields.get(name)]
+    if missing:
+        raise VerifyRefused(400, missing, "the secret and the response (the pass token) are both needed")
+    return fields
+
+
+def make_store(pool: Sequence, safeguard: Safeguard, settings: ServiceSettings, clock: Callable[[], float] | None):
+    """The store the settings ask for; the in-process one keeps time with `clock` (monotonic by default),
+    Redis with Redis's own clock unless a clock is given."""
+    store_settings = StoreSettings(
+        ttl_seconds=settings.ttl_seconds, max_challenges=settings.max_challenges,
+        max_per_client=settings.max_per_client, max_clients=settings.max_clients,
+        pass_ttl_seconds=settings.pass_ttl_seconds,
+        limits={"request": Limit(settings.request_rate, settings.request_burst),
+                "challenge": Limit(settings.challenge_rate, settings.challenge_burst),
+                "verify": Limit(settings.verify_rate, settings.verify_burst)})
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, pool, safeguard, store_settings, clock)
+    return MemoryStore(pool, safeguard, store_settings, clock or time.monotonic)
+
+
 def create_app(
     pool: Sequence,
     safeguard: Safeguard,
     settings: ServiceSettings | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] | None = None,
+    sites: Sites | None = None,
 ) -> FastAPI:
-    """The CAPTCHA service over `pool`: labelled ImageRefs, best checked with `usable_pool` first."""
+    """The CAPTCHA service over `pool`: labelled ImageRefs, best checked with `usable_pool` first.
+
+    `sites` may request challenges with their site key and verify the pass tokens they earn.
+    """
     settings = settings or ServiceSettings()
-    pool = list(pool)
+    sites = sites or Sites()
+    pool = ordered_pool(pool)  # positions are what the store keeps: every worker must agree on them
     if len(pool) < CHALLENGE_SIZE:
         raise ServiceError(f"the pool needs at least {CHALLENGE_SIZE} usable images, has {len(pool)}")
     if any(ref.label is None for ref in pool):
         raise ServiceError("every pool image needs a label (cat or dog) for the service to judge answers")
-    app = FastAPI(title="asirra captcha", docs_url=None, redoc_url=None, openapi_url=None)
-    store = app.state.store = ChallengeStore(pool, settings, clock)
+    store = make_store(pool, safeguard, settings, clock)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await store.aclose()  # a worker shutting down lets go of its Redis connections
+
+    app = FastAPI(title="asirra captcha", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.store = store
     images = ImageServer(pool, settings)
-    signer = CookieSigner(settings.secret)
-    states = SafeguardStates(safeguard, settings.max_clients)
-    any_request = RateLimiter(settings.request_rate, settings.request_burst, clock, settings.max_clients)
-    new_challenges = RateLimiter(settings.challenge_rate, settings.challenge_burst, clock, settings.max_clients)
+    signer = CookieSigner(derive_key(settings.secret, "cookie") if settings.secret else None)
+    passes = PassTokens(derive_key(settings.secret, "pass-token") if settings.secret else None)
+    rng = np.random.default_rng(settings.seed)
 
     @app.exception_handler(ApiError)
     async def refuse(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(StoreError)
+    async def store_refused(request: Request, exc: StoreError) -> JSONResponse:
+        return refusal(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def not_found(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -332,16 +351,23 @@ def create_app(
     @app.middleware("http")
     async def identify_and_limit(request: Request, call_next):
         request.state.ip = request.client.host if request.client else "unknown"
+        path = request.url.path
+        site_to_service = path == "/api/verify"  # a site's server: no cookie, its own (higher) limit
         client_id = signer.verify(request.cookies.get(COOKIE))
         new_cookie = None
-        if client_id is None:
+        if client_id is None and not site_to_service:
             client_id, new_cookie = signer.issue()
         request.state.client_id = client_id
-        wait = any_request.take(request.state.ip) if request.url.path.startswith("/api/") else 0.0
-        if wait:
-            response = ApiError(429, "too many requests; slow down", retry_after=wait).response()
+        try:
+            wait = await store.spend("verify" if site_to_service else "request", request.state.ip) \
+                if path.startswith("/api/") else 0.0
+        except StoreError as exc:
+            response = refusal(exc).response()
         else:
-            response = await call_next(request)
+            if wait:
+                response = ApiError(429, "too many requests; slow down", retry_after=wait).response()
+            else:
+                response = await call_next(request)
         if new_cookie:
             response.set_cookie(COOKIE, new_cookie, max_age=30 * 86400, httponly=True, samesite="strict",
                                 secure=request.url.scheme == "https")
@@ -355,15 +381,17 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz")
-    def health() -> dict:
-        return {"status": "ok", "outstanding": len(store)}
+    async def health() -> dict:
+        # The worker's pid tells an operator (and the tests) which process of --workers N answered.
+        return {"status": "ok", "outstanding": await store.outstanding(), "worker": os.getpid()}
 
     @app.post("/api/challenge")
-    def new_challenge(request: Request) -> dict:
-        wait = new_challenges.take(request.state.ip)
+    async def new_challenge(request: Request) -> dict:
+        sitekey = requested_site(request, sites)  # refused before any state is touched
+        wait = await store.spend("challenge", request.state.ip)
         if wait:
             raise ApiError(429, "too many new challenges; slow down", retry_after=wait)
-        issued = store.issue(request.state.ip)
+        issued = await store.issue(request.state.ip, draw_indices(len(pool), rng), sitekey)
         return {
             "id": issued.id,
             "images": [f"/api/image/{token}" for token in issued.image_tokens],
@@ -371,19 +399,63 @@ def create_app(
         }
 
     @app.get("/api/image/{token}")
-    def image(token: str) -> Response:
-        jpeg = images.jpeg(store.image(token))
+    async def image(token: str) -> Response:
+        try:
+            ref = await store.image(token)
+        except Unknown:
+            raise ApiError(404, "unknown or expired image") from None
+        jpeg = await run_in_threadpool(images.jpeg, ref)  # decoding and encoding: off the event loop
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @app.post("/api/challenge/{challenge_id}/answer")
     async def answer(challenge_id: str, request: Request) -> dict:
         selected = parse_selection(await read_body(request, settings.max_body_bytes))
-        issued = store.take(challenge_id)
+        issued = await store.take(challenge_id)
         mistakes = count_mistakes(selected, issued.challenge.answer)
-        verdict = states.judge(request.state.client_id, request.state.ip, mistakes)
-        return {"result": verdict, "message": MESSAGES[verdict]}
+        verdict = await store.judge(request.state.client_id, request.state.ip, mistakes)
+        reply = {"result": verdict, "message": MESSAGES[verdict]}
+        if verdict == "pass" and issued.sitekey:
+            nonce, reply["token"] = passes.mint(issued.sitekey)
+            await store.add_pass(nonce, issued.sitekey)
+        return reply
+
+    @app.post("/api/verify")
+    async def verify(request: Request) -> JSONResponse:
+        """siteverify: is this pass token genuine, for this site, unexpired and unused? Spends it if so."""
+        try:
+            body = await read_body(request, settings.max_verify_bytes)
+            fields = parse_verify(body, request.headers.get("content-type", ""))
+        except ApiError as exc:
+            return VerifyRefused(exc.status, ["bad-request"], exc.message).response()
+        except VerifyRefused as exc:
+            return exc.response()
+        site = sites.by_secret(fields["secret"])
+        if site is None:
+            return VerifyRefused(403, ["invalid-input-secret"], "unknown secret").response()
+        nonce = passes.open(fields["response"], site.key)
+        if nonce is None:  # forged, mangled, or minted for another site: nothing is spent
+            return JSONResponse({"success": False, "error-codes": ["invalid-input-response"]})
+        if await store.take_pass(nonce) != site.key:
+            return JSONResponse({"success": False, "error-codes": ["timeout-or-duplicate"]})
+        return JSONResponse({"success": True, "error-codes": []})
 
     return app
+
+
+def requested_site(request: Request, sites: Sites) -> str | None:
+    """The site key a challenge is requested for (`?sitekey=KEY`), None for none, else a 400."""
+    params = request.query_params
+    unknown = sorted(set(params) - {"sitekey"})
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {unknown[0][:40]!r}; only sitekey is accepted")
+    keys = params.getlist("sitekey")
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise ApiError(400, "give one sitekey")
+    if not sites.known(keys[0]):
+        raise ApiError(400, "unknown site key")
+    return keys[0]
 
 
 # ---- running it ----------------------------------------------------------------------------
@@ -419,3 +491,51 @@ def running(app: FastAPI, host: str = "127.0.0.1", timeout: float = 10.0) -> Ite
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+# ---- many worker processes -------------------------------------------------------------------
+
+CONFIG_ENV = "ASIRRA_SERVE_CONFIG"  # where each worker process finds what to build its app from
+
+
+def worker_config(pool: Sequence, safeguard: Safeguard, settings: ServiceSettings,
+                  secret_file: str | None, sites_file: str | None) -> dict:
+    """Everything a worker needs, as JSON: the pool as checked once by the parent (so N workers do
+    not decode it N times), the policy's spec, the settings; keys stay in their files."""
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "secret"}
+    return {"pool": [[ref.source, ref.label, ref.id] for ref in pool], "safeguard": describe(safeguard),
+            "settings": fields, "secret_file": secret_file, "sites_file": sites_file}
+
+
+def app_from_config(config: dict) -> FastAPI:
+    from asirra.data import ImageRef
+
+    settings = dict(config["settings"])
+    for name in ("image_side", "image_quality"):
+        settings[name] = tuple(settings[name])
+    if config["secret_file"]:
+        settings["secret"] = read_secret_file(config["secret_file"])
+    sites = load_sites(config["sites_file"]) if config["sites_file"] else None
+    pool = [ImageRef(source, label, ref_id) for source, label, ref_id in config["pool"]]
+    return create_app(pool, parse_safeguard(config["safeguard"]), ServiceSettings(**settings), sites=sites)
+
+
+def worker_app() -> FastAPI:
+    """The app factory uvicorn calls in each worker process (`--workers N`)."""
+    return app_from_config(json.loads(Path(os.environ[CONFIG_ENV]).read_text(encoding="utf-8")))
+
+
+def serve_workers(config: dict, host: str, port: int, workers: int, access_log: bool = True) -> None:
+    """Serve with `workers` uvicorn processes (restarted by uvicorn if one dies) until Ctrl-C."""
+    import uvicorn
+
+    from asirra.fileio import write_json_atomic
+
+    with tempfile.TemporaryDirectory(prefix="asirra-serve-") as folder:
+        path = write_json_atomic(Path(folder) / "config.json", config)
+        os.environ[CONFIG_ENV] = str(path)  # inherited by the worker processes uvicorn spawns
+        # A worker rebuilds a pool of 19,000 refs and imports the app before it answers uvicorn's
+        # health pings: on 2 busy cores that can exceed uvicorn's default 5 s, and it would be killed.
+        uvicorn.run("asirra.captcha.service:worker_app", factory=True, workers=workers, host=host, port=port,
+                    log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE,
+                    timeout_worker_healthcheck=30)

@@ -6,6 +6,9 @@ const grid = document.getElementById("grid");
 const verifyButton = document.getElementById("verify");
 const newButton = document.getElementById("new");
 const result = document.getElementById("result");
+const tokenBox = document.getElementById("token");
+// A site sends its visitors here as /?sitekey=KEY: a pass then earns a token for that site.
+const sitekey = new URLSearchParams(window.location.search).get("sitekey");
 
 function showResult(kind, message) {
   card.dataset.result = kind;
@@ -43,8 +46,10 @@ async function newChallenge() {
   newButton.disabled = true;
   verifyButton.disabled = true;
   showResult("", "");
+  tokenBox.hidden = true;
   try {
-    const response = await fetch("/api/challenge", { method: "POST" });
+    const url = sitekey ? "/api/challenge?sitekey=" + encodeURIComponent(sitekey) : "/api/challenge";
+    const response = await fetch(url, { method: "POST" });
     if (!response.ok) {
       showResult("error", await errorMessage(response));
       return;
@@ -76,6 +81,10 @@ async function verify() {
     }
     const verdict = await response.json();
     showResult(verdict.result, verdict.message);
+    if (verdict.token) {
+      tokenBox.querySelector("output").value = verdict.token;
+      tokenBox.hidden = false;
+    }
   } catch (_) {
     showResult("error", "Cannot reach the server.");
   }
