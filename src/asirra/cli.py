@@ -639,7 +639,12 @@ def _derived_pool_refs(data: Path, limit: Optional[int], seed: int) -> list:
         fail(str(exc))
 
 
-def _report_derived_pool(summary) -> None:
+def _derive_pool(data: Path, limit: Optional[int], seed: int, write) -> None:
+    """Run `write(refs)` (harden or distort) over POOL's sampled images and report what it wrote."""
+    try:
+        summary = write(_derived_pool_refs(data, limit, seed))
+    except ValueError as exc:  # PoolError, HardenError, DistortError: settings or files it cannot use
+        fail(str(exc))
     for item in summary.unusable:
         typer.echo(f"skipped {item['source']}: {item['reason']}", err=True)
     typer.echo(f"{summary.written} images in {summary.out} ({summary.this_run} this run, {len(summary.unusable)} "
@@ -661,17 +666,14 @@ def captcha_harden(
     seed: int = typer.Option(0, "--seed", help="Seeds the sample, the transformations and random targets."),
 ) -> None:
     """Write a pool of adversarially perturbed images (lossless, within epsilon), resumably."""
-    from asirra.captcha.derived_pool import PoolError
-    from asirra.captcha.harden import HardenConfig, HardenError, harden_pool, parse_epsilon
+    from asirra.captcha.harden import HardenConfig, harden_pool, parse_epsilon
 
     try:
         config = HardenConfig(method=method, epsilon=parse_epsilon(epsilon), seed=seed, steps=steps, eot=eot,
                               surrogates=tuple(s.strip() for s in surrogates.split(",") if s.strip()))
-        refs = _derived_pool_refs(data, limit, seed)
-        summary = harden_pool(refs, out, config)
-    except (HardenError, PoolError, ValueError) as exc:
+    except ValueError as exc:
         fail(str(exc))
-    _report_derived_pool(summary)
+    _derive_pool(data, limit, seed, lambda refs: harden_pool(refs, out, config))
 
 
 @captcha_app.command("distort")
@@ -684,15 +686,13 @@ def captcha_distort(
     seed: int = typer.Option(0, "--seed", help="Seeds the sample and every random distortion."),
 ) -> None:
     """The classic CAPTCHA baseline: random noise, blur, warping, low contrast or clutter, resumably."""
-    from asirra.captcha.derived_pool import PoolError
-    from asirra.captcha.distort import DistortConfig, DistortError, distort_pool
+    from asirra.captcha.distort import DistortConfig, distort_pool
 
     try:
         config = DistortConfig(kind=kind, strength=strength, seed=seed)
-        summary = distort_pool(_derived_pool_refs(data, limit, seed), out, config)
-    except (DistortError, PoolError, ValueError) as exc:
+    except ValueError as exc:
         fail(str(exc))
-    _report_derived_pool(summary)
+    _derive_pool(data, limit, seed, lambda refs: distort_pool(refs, out, config))
 
 
 # ---- section: serve / attack (captcha/service.py, captcha/attack.py) -------------------------
