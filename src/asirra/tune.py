@@ -322,10 +322,11 @@ class Objective:
             raise
         rows = _logged_epochs(run)
         trial.set_user_attr("epochs_run", len(rows))
-        trial.set_user_attr("val_accuracy", metrics["val_uncalibrated"]["accuracy"])
+        trial.set_user_attr("val_accuracy", metrics["val"]["accuracy"])
         trial.set_user_attr("first_epoch_train_loss", rows[0]["train_loss"] if rows else None)
-        # The uncalibrated loss of the kept (best) epoch: what early stopping chose it by.
-        return float(metrics["val_uncalibrated"]["log_loss"])
+        # The calibrated loss of the kept (best) epoch, as the model ships: label smoothing raises the
+        # uncalibrated loss, and the temperature undoes exactly that, so ranking by it would punish smoothing.
+        return float(metrics["val"]["log_loss"])
 
     def _report(self, trial, row: dict, last: bool) -> None:
         import optuna
@@ -445,7 +446,7 @@ def write_outputs(study, settings: TuneSettings, seconds: float) -> dict:
         "trials": len([t for t in trials if t.state != TrialState.WAITING]), "states": counts,
         "seconds_this_process": round(seconds, 1),
         "sampler": "TPE", "pruner": type(study.pruner).__name__,
-        "objective": "validation log loss (uncalibrated, best epoch) on the trials' validation split of the tuning subset",
+        "objective": "validation log loss (calibrated, best epoch) on the trials' validation split of the tuning subset",
     }
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     summary["plots"] = write_plots(study, out, len(complete))
