@@ -2,6 +2,11 @@
 
     python benchmarks/bench_harden.py [--data PATH] [--ids 120] [--out runs/bench-harden]
                                       [--methods fgsm,pgd,random-target,feature] [--surrogates effnet-lite0]
+                                      [--epsilon 4/255] [--crafting-ids 200]
+
+Methods are harden.METHODS plus `random-sign`, a control that is no attack: uniform random +-eps per
+pixel, seeded by the image's content. The universal methods craft their one pattern on
+cat/dog.{crafting-ids}..{crafting-ids + 31} (linked into OUT/crafting; never a scored photo).
 
 The pool is cat.0..cat.{ids-1} and dog.0..dog.{ids-1} of --data (Kaggle's realistic photos, at their
 native resolution), linked (never copied) into OUT/pool. Each method hardens it at its default
@@ -15,8 +20,11 @@ of the *hardened, served* training half is scored on
   - the hardened test half (what an attacker who buys labels for hardened images reaches),
   - the clean test half (below a clean-trained probe's accuracy: the probe learned the noise),
 and a "noise-only" probe on feature differences (hardened - clean) says directly whether the
-perturbation encodes the label (50% = it does not). The shipped model is the attacker's and never a
-surrogate here. Timings are of one process on a machine other jobs share: compare ratios.
+perturbation encodes the label (50% = it does not). That probe sees the image through the noise, so
+any damage that pulls features towards the class boundary shows up in it (the random-sign control
+gives its floor); `pixel_noise_probe` reads the noise alone (128 + the stored pixel difference,
+scaled to +-96, through the shipped model's backbone): what the perturbation itself says about the
+label, 50% for identical noise. The shipped model is the attacker's and never a surrogate here. Timings are of one process on a machine other jobs share: compare ratios.
 """
 
 from __future__ import annotations
@@ -70,6 +78,40 @@ def served_features(paths: list[Path], seed: int, net_backbone, head) -> tuple[n
     return features, logits
 
 
+def noise_features(pairs: list[tuple[Path, Path]], eps: int, net_backbone) -> np.ndarray:
+    """The shipped model's pooled features of each perturbation alone, amplified onto mid-grey."""
+    import torch
+    from PIL import Image
+
+    from asirra.images import load_image
+
+    feats = []
+    for start in range(0, len(pairs), 32):
+        batch = []
+        for original, hardened in pairs[start:start + 32]:
+            diff = np.asarray(load_image(hardened), np.float32) - np.asarray(load_image(original), np.float32)
+            shown = np.clip(128 + diff * (96 / max(1, eps)), 0, 255).astype(np.uint8)
+            batch.append(np.asarray(Image.fromarray(shown).resize((300, 300), Image.BILINEAR), np.float32))
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            feats.append(net_backbone(x).numpy())
+    return np.concatenate(feats)
+
+
+def random_sign_pool(refs, out: Path, eps: int, seed: int):
+    """The control: +-eps uniform random signs per pixel, no model involved."""
+    from asirra.captcha.derived_pool import derive_pool
+
+    def make(original, key, ref):
+        rng = np.random.default_rng(int(key[:15], 16) ^ seed)
+        noise = rng.choice(np.array([-eps, eps], np.int16), size=original.shape)
+        return np.clip(original.astype(np.int16) + noise, 0, 255).astype(np.uint8), {"method": "random-sign",
+                                                                                     "epsilon_255": eps}
+
+    return derive_pool(refs, out, {"maker": "bench-random-sign", "epsilon_255": eps, "seed": seed}, make,
+                       desc=f"random-sign eps {eps}/255")
+
+
 def probe(train_x, train_y, tests: dict) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -89,6 +131,8 @@ def main() -> None:
     parser.add_argument("--surrogates", default="effnet-lite0")
     parser.add_argument("--epsilon", default="4/255")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="steps (passes over the crafting set for universal*); default per method")
+    parser.add_argument("--crafting-ids", type=int, default=200, help="first id of the 32 per class the universal methods craft on")
     args = parser.parse_args()
 
     import torch
@@ -101,6 +145,14 @@ def main() -> None:
     os.environ.setdefault("ASIRRA_SURROGATES", str(ROOT / "runs/surrogates"))
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)
     pool = make_pool(args.data, args.ids, args.out / "pool")
+    if args.crafting_ids < args.ids:
+        parser.error("--crafting-ids must start above the scored ids")
+    crafting = args.out / "crafting"
+    crafting.mkdir(parents=True, exist_ok=True)
+    for kind in ("cat", "dog"):
+        for i in range(args.crafting_ids, args.crafting_ids + 32):
+            if not (crafting / f"{kind}.{i}.jpg").exists():
+                (crafting / f"{kind}.{i}.jpg").symlink_to((args.data / f"{kind}.{i}.jpg").resolve())
     refs = scan(pool)
     surrogates = load_surrogates(args.surrogates.split(","))
     epsilon = parse_epsilon(args.epsilon)
@@ -116,10 +168,19 @@ def main() -> None:
              **{f"probe_{k}": v for k, v in probe(clean_x[train], labels[train],
                                                   {"hardened_test": (clean_x[test], labels[test]),
                                                    "clean_test": (clean_x[test], labels[test])}).items()}}]
+    eps_255 = round(epsilon * 255)
     for method in args.methods.split(","):
-        config = HardenConfig(method=method, epsilon=epsilon, surrogates=tuple(args.surrogates.split(",")), seed=args.seed)
         start = time.perf_counter()
-        result = harden_pool(refs, args.out / method, config, surrogates)
+        crafted = {}
+        if method == "random-sign":
+            config = None
+            result = random_sign_pool(refs, args.out / method, eps_255, args.seed)
+        else:
+            config = HardenConfig(method=method, epsilon=epsilon, surrogates=tuple(args.surrogates.split(",")),
+                                  seed=args.seed, crafting=str(crafting), steps=None if method == "fgsm" else args.steps)
+            result = harden_pool(refs, args.out / method, config, surrogates)
+            summary = json.loads(Path(result.files["summary"]).read_text())
+            crafted = {k: summary[k] for k in ("crafting_images", "crafting_seconds") if k in summary}
         wall = time.perf_counter() - start
         records = {r["source"]: r for r in map(json.loads, open(result.files["manifest"]))}
         made = [records[str(ref.source)] for ref in refs]
@@ -127,10 +188,14 @@ def main() -> None:
         leak = probe(hard_x[train], labels[train], {"hardened_test": (hard_x[test], labels[test]),
                                                    "clean_test": (clean_x[test], labels[test])})
         noise = probe((hard_x - clean_x)[train], labels[train], {"noise_test": ((hard_x - clean_x)[test], labels[test])})
+        alone = noise_features([(Path(ref.source), args.out / method / r["file"]) for ref, r in zip(refs, made)],
+                               eps_255, backbone)
+        pixel = probe(alone[train], labels[train], {"test": (alone[test], labels[test])})
         seconds = [r["seconds"] for r in made]
-        rows.append({"method": method, "steps": config.n_steps, "eot": config.eot,
+        rows.append({"method": method, "steps": config.n_steps if config else 0, "eot": config.eot if config else 0,
                      "shipped_acc": float(((hard_z > 0) == labels).mean()),
                      **{f"probe_{k}": v for k, v in leak.items()}, "noise_probe_test": noise["noise_test"],
+                     "pixel_noise_probe": pixel["test"], **crafted,
                      "ssim_median": statistics.median(r["ssim"] for r in made),
                      "psnr_median": statistics.median(r["psnr"] for r in made if r["psnr"] is not None),
                      "seconds_per_image": statistics.median(seconds),
@@ -142,7 +207,7 @@ def main() -> None:
                                                        "train": int(train.sum()), "test": int(test.sum()),
                                                        "surrogates": args.surrogates, "rows": rows}, indent=2))
     columns = ["method", "steps", "eot", "shipped_acc", "probe_hardened_test", "probe_clean_test", "noise_probe_test",
-               "ssim_median", "psnr_median", "seconds_per_image", "minutes_per_1000"]
+               "pixel_noise_probe", "ssim_median", "psnr_median", "seconds_per_image", "minutes_per_1000"]
     print(table([{c: _fmt(row.get(c, "")) for c in columns} for row in rows], [(c, c, "") for c in columns]))
 
 

@@ -167,7 +167,7 @@ def test_label_independent_methods_give_a_cat_and_a_dog_the_same_noise(pool, toy
         return hardener(original, "0123456789abcdef", ref)[0]
 
     assert not np.array_equal(noise("fgsm", as_cat), noise("fgsm", as_dog))
-    for method in ("random-target", "feature"):
+    for method in ("random-target", "feature", "balanced-target"):
         assert np.array_equal(noise(method, as_cat), noise(method, as_dog))
 
 
@@ -219,3 +219,64 @@ def test_the_cli_names_an_untrained_registry_surrogate_in_one_line(pool, tmp_pat
                                  "--surrogates", "effnet-lite0"])
     assert result.exit_code == 2
     assert "error: no surrogate effnet-lite0" in result.stderr and "asirra train" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["universal", "universal-uncertain"])
+def test_universal_adds_one_pattern_to_every_image_within_epsilon(tmp_path, toy_surrogate, method):
+    pool = make_pool(tmp_path / "pool", cats=3, dogs=3)
+    crafting = tmp_path / "crafting"
+    make_pool(crafting, cats=3, dogs=3, seed=7)  # images of their own: drawn with another seed
+    out = tmp_path / method
+    summary = harden(pool, out, toy_surrogate, method=method, epsilon=6 / 255, crafting=str(crafting), steps=1)
+    assert summary.written == 6
+    noises = []
+    for record in records(out):
+        stored = np.asarray(Image.open(out / record["file"]), dtype=np.int16)
+        original = np.asarray(load_image(record["source"]), dtype=np.int16)
+        assert stored.shape == original.shape and np.abs(stored - original).max() <= 6
+        assert np.abs(stored - original).max() == record["linf"]
+        noises.append(stored - original)
+    # Label-free by construction: the noise where nothing clipped at 0 or 255 is the same pattern for all.
+    pattern = np.load(out / "universal-perturbation.npy")[0].transpose(1, 2, 0)
+    assert np.abs(pattern).max() > 0
+    for noise, record in zip(noises, records(out)):
+        original = np.asarray(load_image(record["source"]), dtype=np.int16)
+        expected = torch.nn.functional.interpolate(torch.from_numpy(pattern.transpose(2, 0, 1)).unsqueeze(0),
+                                                   size=original.shape[:2], mode="bilinear",
+                                                   align_corners=False)[0].permute(1, 2, 0).numpy()
+        free = (original > 6) & (original < 249)
+        assert np.abs(noise[free] - expected[free]).max() <= 0.5 + 1e-4
+    done = json.loads((out / "summary.json").read_text())
+    assert done["crafting_images"] == 6 and done["crafting_skipped_in_pool"] == 0
+    assert done["crafting_seconds"] > 0 and done["crafting_seconds_per_image"] == pytest.approx(done["crafting_seconds"] / 6, abs=1e-3)
+    assert harden(pool, out, toy_surrogate, method=method, epsilon=6 / 255, crafting=str(crafting), steps=1).this_run == 0
+
+
+def test_universal_never_crafts_on_pool_images(pool, tmp_path, toy_surrogate):
+    out = tmp_path / "out"
+    with pytest.raises(HardenError, match="no usable image outside the pool"):
+        harden(pool, out, toy_surrogate, method="universal", crafting=str(tmp_path / "pool"), steps=1)
+    with pytest.raises(HardenError, match="crafting set"):
+        HardenConfig(method="universal")
+
+
+def test_balanced_target_pushes_each_image_towards_its_coin_flip(pool, tmp_path, toy_surrogate):
+    out = tmp_path / "out"
+    harden(pool, out, toy_surrogate, method="balanced-target", epsilon=16 / 255, steps=3)
+    made = records(out)
+    assert {r["target"] for r in made} == {"cat", "dog"} and all(r["linf"] <= 16 for r in made)
+    moved = [(r["surrogate_p_dog_after"] - r["surrogate_p_dog_before"]) * (1 if r["target"] == "dog" else -1) for r in made]
+    assert np.mean(moved) > 0
+
+
+def test_the_cli_hardens_with_a_universal_pattern(pool, tmp_path, toy_surrogate):
+    make_pool(tmp_path / "crafting", cats=2, dogs=2, seed=3)
+    result = runner.invoke(app, ["captcha", "harden", "--data", str(tmp_path / "pool"), "--out", str(tmp_path / "out"),
+                                 "--method", "universal-uncertain", "--epsilon", "2/255", "--surrogates", toy_surrogate.folder,
+                                 "--crafting", str(tmp_path / "crafting"), "--steps", "1", "--eot", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(scan(tmp_path / "out")) == 12
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["crafting_images"] == 4
+    missing = runner.invoke(app, ["captcha", "harden", "--data", str(tmp_path / "pool"), "--out", str(tmp_path / "o2"),
+                                  "--method", "universal", "--surrogates", toy_surrogate.folder])
+    assert missing.exit_code == 2 and "needs a crafting set" in missing.stderr

@@ -83,7 +83,9 @@ def logit(p_dog, eps: float = EPS) -> np.ndarray:
 
 
 def apply_temperature(logits, temperature: float) -> np.ndarray:
-    """P(dog) = sigmoid(logit / T)."""
+    """P(dog) = sigmoid(logit / T) for 1-D logits; softmax(logits / T), (n, N), for 2-D N-class logits."""
+    if np.ndim(logits) == 2:
+        return probabilities(logits, temperature)
     return expit(np.asarray(logits, dtype=np.float64) / temperature)
 
 
@@ -100,6 +102,8 @@ def fit_temperature(logits, y_true) -> float:
     T > 1 softens an overconfident model, T < 1 sharpens an underconfident one. The search is over
     log T within [T_MIN, T_MAX], so a separable set returns T_MIN rather than running off to 0.
     """
+    if np.ndim(logits) == 2:
+        return fit_temperature_multiclass(logits, y_true)
     y = check_labels(y_true)
     z = as_1d(logits, "logits").astype(np.float64)
     if not np.isfinite(z).all():
@@ -112,4 +116,59 @@ def fit_temperature(logits, y_true) -> float:
         method="bounded",
         options={"xatol": 1e-6},
     )
+    return float(math.exp(result.x))
+
+
+# ---- N classes ----------------------------------------------------------------------------
+# Binary models keep one logit (z = logit P(class 1)), so every cat/dog figure is unchanged;
+# N >= 3 models have N logits and a softmax. These helpers give both one (n, N) view.
+
+
+def probabilities(logits, temperature: float = 1.0) -> np.ndarray:
+    """(n, N) class probabilities: columns [1 - p, p] for 1-D or (n, 1) logits, else softmax(logits / T)."""
+    from scipy.special import softmax
+
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim == 2 and z.shape[1] == 1:
+        z = z[:, 0]
+    if z.ndim == 1:
+        p = apply_temperature(z, temperature)
+        return np.stack([1 - p, p], axis=1)
+    if z.ndim != 2:
+        raise InvalidPredictions(f"logits must be 1-D or (n, N), got shape {z.shape}")
+    return softmax(z / temperature, axis=1)
+
+
+def predicted_index(proba) -> np.ndarray:
+    """The predicted class of each row of (n, N) probabilities: the THRESHOLD rule on column 1 for
+    two classes (a tie counts as class 1, as for dogs), argmax otherwise."""
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2:
+        raise InvalidPredictions(f"probabilities must be (n, N), got shape {p.shape}")
+    if p.shape[1] == 2:
+        return predicted_labels(p[:, 1]).astype(np.int64)
+    return np.argmax(p, axis=1).astype(np.int64)
+
+
+def _nll_softmax(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    from scipy.special import logsumexp
+
+    scaled = logits / temperature
+    return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(y)), y]))
+
+
+def fit_temperature_multiclass(logits, y_true) -> float:
+    """Temperature scaling of (n, N) logits with integer labels 0..N-1 (softmax NLL), same bounds as binary."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise InvalidPredictions(f"logits must be (n, N), got shape {z.shape}")
+    y = as_1d(y_true, "y_true").astype(np.int64)
+    if len(y) != len(z) or len(y) == 0:
+        raise InvalidPredictions(f"y_true has {len(y)} labels but logits has {len(z)} rows")
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise InvalidPredictions(f"y_true must hold class indices 0..{z.shape[1] - 1}")
+    if not np.isfinite(z).all():
+        raise InvalidPredictions(f"logits has {int((~np.isfinite(z)).sum())} non-finite values (NaN or inf)")
+    result = minimize_scalar(lambda log_t: _nll_softmax(z, y, math.exp(log_t)),
+                             bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded", options={"xatol": 1e-6})
     return float(math.exp(result.x))

@@ -48,7 +48,7 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Seeds every random draw
 
 # ---- section: data (data.py, download.py) -------------------------------------------------
 
-data_app = typer.Typer(help="Inspect a data set: counts, unusable files, a sample grid.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect a data set: counts, unusable files, a sample grid; write the bundled digits.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 DATA_PATH_HELP = "Folder or .zip of images (default: --data lookup: $ASIRRA_DATA, ./data/..., ../shared/...)."
@@ -91,6 +91,22 @@ def data_show(
     except data.DataError as exc:
         fail(str(exc))
     typer.echo(str(written))
+
+
+@data_app.command("digits")
+def data_digits(
+    out: Path = typer.Option(..., "--out", help="Folder to write 0/ ... 9/ class folders of PNGs into."),
+    size: int = typer.Option(32, "--size", min=8, help="Image side in pixels (the originals are 8x8)."),
+) -> None:
+    """Write scikit-learn's bundled handwritten digits (1,797 images, 10 classes) as class folders."""
+    from asirra.sample_data import SampleDataError, write_digits
+
+    try:
+        counts = write_digits(out, size=size)
+    except SampleDataError as exc:
+        fail(str(exc))
+    typer.echo(f"{out}: {sum(counts.values())} images in {len(counts)} classes "
+               f"({', '.join(f'{k}: {v}' for k, v in counts.items())})\nnext: asirra train --data {out}")
 
 
 @app.command("download")
@@ -655,7 +671,8 @@ def _derive_pool(data: Path, limit: Optional[int], seed: int, write) -> None:
 def captcha_harden(
     data: Path = typer.Option(..., "--data", help="Labelled images to harden (any data layout)."),
     out: Path = typer.Option(..., "--out", help="Folder for the hardened pool (cat.N.png, dog.N.png) and its manifest."),
-    method: str = typer.Option("fgsm", "--method", help="fgsm, pgd, random-target (label-independent) or feature (label-free)."),
+    method: str = typer.Option("fgsm", "--method", help="fgsm, pgd, random-target / balanced-target (label-independent), "
+                                                        "feature, universal or universal-uncertain (one pattern for all)."),
     epsilon: str = typer.Option("4/255", "--epsilon", help="L-infinity bound, e.g. 4/255 or 0.0157."),
     surrogates: str = typer.Option("effnet-lite0", "--surrogates",
                                    help="Comma-separated defender models: run folders, registry names (runs/surrogates/NAME) "
@@ -664,13 +681,17 @@ def captcha_harden(
     eot: int = typer.Option(2, "--eot", min=1, help="Random service transformations averaged per gradient."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Harden only this many images, drawn at random."),
     seed: int = typer.Option(0, "--seed", help="Seeds the sample, the transformations and random targets."),
+    crafting: Optional[Path] = typer.Option(None, "--crafting", help="universal*: labelled images to craft the one "
+                                                                     "pattern on (none of them in the pool)."),
+    crafting_limit: int = typer.Option(64, "--crafting-limit", min=1, help="universal*: crafting images drawn from --crafting."),
 ) -> None:
     """Write a pool of adversarially perturbed images (lossless, within epsilon), resumably."""
     from asirra.captcha.harden import HardenConfig, harden_pool, parse_epsilon
 
     try:
         config = HardenConfig(method=method, epsilon=parse_epsilon(epsilon), seed=seed, steps=steps, eot=eot,
-                              surrogates=tuple(s.strip() for s in surrogates.split(",") if s.strip()))
+                              surrogates=tuple(s.strip() for s in surrogates.split(",") if s.strip()),
+                              crafting=str(crafting) if crafting else None, crafting_limit=crafting_limit)
     except ValueError as exc:
         fail(str(exc))
     _derive_pool(data, limit, seed, lambda refs: harden_pool(refs, out, config))
@@ -693,6 +714,72 @@ def captcha_distort(
     except ValueError as exc:
         fail(str(exc))
     _derive_pool(data, limit, seed, lambda refs: distort_pool(refs, out, config))
+
+
+# ---- section: captcha attacker (captcha/ladder.py) -----------------------------------------
+
+
+@captcha_app.command("attacker")
+def captcha_attacker(
+    name: str = typer.Argument(..., help="The rung: shipped, seed-cnn-alt, lite2-probe, bought-labels, adv-trained or passed-challenges."),
+    out: Path = typer.Option(..., "--out", help="Folder for the attacker (its model/ is what `asirra attack --model` takes)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The labelled pool the attacker learns from (and the service serves)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Fetch images as served from this live service (else rendered locally as it would)."),
+    budget: Optional[int] = typer.Option(None, "--budget", min=12, help="Training images (default per rung, a few hundred)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the images drawn and the training."),
+) -> None:
+    """Build one attacker of the ladder as a model folder for `asirra attack --model DIR`."""
+    from asirra.captcha.ladder import build_attacker
+
+    try:
+        folder = build_attacker(name, out, train_data=data, service_url=url, budget=budget, seed=seed)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(str(folder))
+
+
+# ---- section: captcha study (captcha/study.py) ---------------------------------------------
+
+
+@captcha_app.command("study")
+def captcha_study(
+    data: Path = typer.Option(..., "--data", help="Labelled pool: split into a hidden scored set and crafting images."),
+    out: Path = typer.Option(..., "--out", help="Folder for report.md, results.csv/json, plots and the cache (rerun to resume)."),
+    quick: bool = typer.Option(False, "--quick", help="A few minutes: 24 hidden images, eps 0 and 8, fgsm, a 1-epoch seed-cnn surrogate."),
+    scored: Optional[int] = typer.Option(None, "--scored", help="Hidden images scored in every cell (default 300; --quick 24)."),
+    craft_limit: Optional[int] = typer.Option(None, "--craft-limit", help="Crafting images the surrogates train on (default 600)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated harden methods (default pgd)."),
+    epsilons: Optional[str] = typer.Option(None, "--epsilons", help="Comma-separated, in 1/255 (default 0,2,4,8,16)."),
+    attackers: Optional[str] = typer.Option(None, "--attackers", help="Comma-separated: shipped, model folders, or ladder names."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess",
+                                             help="Comma-separated counter-moves, + chains steps: none,jpeg:75,median:3,jpeg:75+median:3 "
+                                                  "(default none,jpeg:75,median:3)."),
+    surrogates: Optional[str] = typer.Option(None, "--surrogates", help="Comma-separated defender models (default effnet-lite0, "
+                                             "trained on the crafting images)."),
+    headline: Optional[str] = typer.Option(None, "--headline", help="Live attacks: strongest (default), all or none."),
+    live_challenges: Optional[int] = typer.Option(None, "--live-challenges", help="Challenges per live attack (default 60)."),
+    seed: SeedOption = 0,
+) -> None:
+    """The hardening study: methods x epsilon x attackers x counter-moves on served bytes, with live attacks."""
+    from dataclasses import replace
+
+    from asirra.captcha.study import StudyConfig, parse_epsilons, parse_list, parse_moves, quick_config, run_study
+
+    try:
+        config = quick_config(seed=seed) if quick else StudyConfig(seed=seed)
+        given = {"scored": scored, "craft_limit": craft_limit, "headline": headline, "live_challenges": live_challenges,
+                 "methods": parse_list(methods) if methods else None,
+                 "epsilons": parse_epsilons(epsilons) if epsilons else None,
+                 "attackers": parse_list(attackers) if attackers else None,
+                 "preprocess": parse_moves(preprocess) if preprocess else None,
+                 "surrogates": parse_list(surrogates) if surrogates else None}
+        config = replace(config, **{k: v for k, v in given.items() if v is not None})
+        result = run_study(data, out, config)
+    except ValueError as exc:
+        fail(str(exc))
+    goal = result.goal
+    typer.echo(f"{len(result.cells)} cells, {len(result.live)} live attacks; goal "
+               f"{'met' if goal['met'] else 'not met'}; wrote {result.files['report']}")
 
 
 # ---- section: serve / attack (captcha/service.py, captcha/attack.py) -------------------------

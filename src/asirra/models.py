@@ -29,6 +29,8 @@ class ModelConfig:
     temperature: float = 1.0  # calibration: P(dog) = sigmoid(logit / temperature)
     tta: bool = False  # validated on the mean of the image's and its mirror's logits; inference does the same
     options: dict = field(default_factory=dict)  # the architecture's settings (seed-cnn: widths, dense, dropout...)
+    # Class names in label order; older model files have none and are cat/dog. Two classes keep one logit.
+    classes: list = field(default_factory=lambda: ["cat", "dog"])
     extra: dict = field(default_factory=dict)  # provenance: data, command, seed, metrics, date
 
 
@@ -84,6 +86,13 @@ def create_model(name: str, pretrained: bool = True, image_size: int | None = No
         raise ValueError(f"{name} does not take the options {sorted(options)} ({exc})") from None
 
 
+def head_width(num_classes: int) -> int:
+    """Outputs of a classifier head: one logit for two classes (P(class 1), as the cat/dog model), else N."""
+    if int(num_classes) < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return 1 if int(num_classes) == 2 else int(num_classes)
+
+
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
@@ -100,8 +109,10 @@ class SeedCNN(nn.Module):
     """
 
     def __init__(self, image_size: int = 128, widths: tuple[int, ...] = (32, 64, 128), dense: int = 512,
-                 dropout_conv: float = 0.25, dropout_dense: float = 0.5, batch_norm: bool = True):
+                 dropout_conv: float = 0.25, dropout_dense: float = 0.5, batch_norm: bool = True,
+                 num_classes: int = 2):
         super().__init__()
+        self.n_outputs = head_width(num_classes)
         widths = tuple(int(w) for w in widths)
         if not widths or image_size % 2 ** len(widths):
             raise ValueError(f"the input size ({image_size}) must be divisible by 2 ** depth ({2 ** len(widths)})")
@@ -127,12 +138,13 @@ class SeedCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(dropout_dense),
             # One logit rather than the notebook's two-way softmax: the same model, half the head.
-            nn.Linear(dense, 1),
+            nn.Linear(dense, self.n_outputs),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * (1.0 / 255.0)
-        return self.classifier(self.features(x)).squeeze(1)
+        z = self.classifier(self.features(x))
+        return z.squeeze(1) if self.n_outputs == 1 else z
 
 
 @register("seed-cnn", image_size=128)
@@ -216,14 +228,16 @@ def _lite_weights_file(variant: str) -> str:
 class PretrainedClassifier(nn.Module):
     """A pretrained `backbone` (pixels -> pooled features) and a linear `head` (features -> logit)."""
 
-    def __init__(self, backbone: LiteBackbone):
+    def __init__(self, backbone: LiteBackbone, num_classes: int = 2):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.n_features, 1)
+        self.n_outputs = head_width(num_classes)
+        self.head = nn.Linear(backbone.n_features, self.n_outputs)
         self.register_load_state_dict_pre_hook(_accept_names_before_backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).squeeze(1)
+        z = self.head(self.backbone(x))
+        return z.squeeze(1) if self.n_outputs == 1 else z
 
 
 def _accept_names_before_backbone(module, state_dict, prefix, *args) -> None:
@@ -233,16 +247,16 @@ def _accept_names_before_backbone(module, state_dict, prefix, *args) -> None:
 
 
 @register("effnet-lite0", image_size=LITE_SIZES["lite0"], pretrained=True)
-def _effnet_lite0(pretrained: bool = True, image_size: int = LITE_SIZES["lite0"]) -> nn.Module:
-    return PretrainedClassifier(LiteBackbone("lite0", pretrained, size=image_size))
+def _effnet_lite0(pretrained: bool = True, image_size: int = LITE_SIZES["lite0"], num_classes: int = 2) -> nn.Module:
+    return PretrainedClassifier(LiteBackbone("lite0", pretrained, size=image_size), num_classes)
 
 
 # Fed above its training resolution, as FixRes (Touvron et al., 2019) recommends for networks trained on
 # random-resized crops: small animals in wide shots are what it misses. Linear probes on the validation
 # split (3,800 images): 98.9% at 224 px, 99.1% at 260, 99.3% at 300, 99.2% at 340.
 @register("effnet-lite2", image_size=300, pretrained=True)
-def _effnet_lite2(pretrained: bool = True, image_size: int = 300) -> nn.Module:
-    return PretrainedClassifier(LiteBackbone("lite2", pretrained, size=image_size))
+def _effnet_lite2(pretrained: bool = True, image_size: int = 300, num_classes: int = 2) -> nn.Module:
+    return PretrainedClassifier(LiteBackbone("lite2", pretrained, size=image_size), num_classes)
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -275,7 +289,8 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig]:
         config = ModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{folder / CONFIG_FILE} is not an asirra model config ({exc})") from None
-    model = create_model(config.name, pretrained=False, image_size=config.image_size, **config.options)
+    model = create_model(config.name, pretrained=False, image_size=config.image_size,
+                         **{**config.options, **({"num_classes": len(config.classes)} if len(config.classes) != 2 else {})})
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / WEIGHTS_FILE).items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

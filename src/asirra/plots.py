@@ -128,6 +128,42 @@ def plot_confusion(cm: np.ndarray, out: Path, class_names: Sequence[str] = ("cat
     return save_figure(fig, out)
 
 
+def plot_confusion_matrix(cm: np.ndarray, out: Path, class_names: Sequence[str]) -> Path:
+    """An N x N confusion matrix (rows = true class, columns = predicted): counts, and row-normalised %.
+
+    Two panels because they answer different questions: counts show where the images are, row
+    percentages (per-class recall) show which classes are confused regardless of class size.
+    """
+    cm = np.asarray(cm)
+    n = len(class_names)
+    if cm.shape != (n, n):
+        raise ValueError(f"confusion matrix must be {n}x{n}, got shape {cm.shape}")
+    row_totals = cm.sum(axis=1, keepdims=True)
+    percent = np.divide(100.0 * cm, row_totals, out=np.zeros(cm.shape), where=row_totals > 0)
+    side = max(4.0, 0.55 * n + 2.0)
+    fig = Figure(figsize=(2 * side + 1.0, side), layout="constrained")
+    count_ax, percent_ax = fig.subplots(1, 2)
+    fontsize = 9 if n <= 10 else 6
+    for ax, values, cmap, label, fmt, vmax in (
+        (count_ax, cm, "Greens", "images", "{:,.0f}", max(1, int(cm.max()))),
+        (percent_ax, percent, "Blues", "% of true class", "{:.0f}", 100),
+    ):
+        image = ax.imshow(values, cmap=cmap, vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+        for (row, col), value in np.ndenumerate(values):
+            if value:  # zeros left blank: a 10x10 grid of "0" hides the few cells that matter
+                colour = "white" if value > 0.6 * vmax else "black"
+                ax.text(col, row, fmt.format(value), ha="center", va="center", color=colour, fontsize=fontsize)
+        ticks = range(n)
+        ax.set_xticks(ticks, labels=class_names, rotation=90 if n > 6 else 0)
+        ax.set_yticks(ticks, labels=class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    count_ax.set_title(f"counts (n={int(cm.sum()):,})")
+    percent_ax.set_title("row-normalised (recall %)")
+    return save_figure(fig, out)
+
+
 def plot_roc(y_true, p_dog, out: Path) -> Path:
     """ROC curve for 'dog' as the positive class, AUC in the legend.
 
@@ -191,6 +227,28 @@ def plot_reliability(
 
 
 # ---- image grids ----------------------------------------------------------------------------
+
+
+def mistake_titles(y_true, proba, classes: Sequence[str], indices: Sequence[int],
+                   names: Sequence[str] | None = None) -> list[str]:
+    """Captions for plot_image_grid naming both classes: "true: 7 / pred: 1 (0.93)".
+
+    The number is the predicted class's probability; `names[i]`, if given, is a first line
+    (e.g. the file name). The predicted class is the package's top-1 call (asirra.metrics.predictions).
+    """
+    from asirra.metrics import predictions
+
+    proba = np.asarray(proba, dtype=float)
+    y_true = np.asarray(y_true)
+    if proba.ndim != 2 or proba.shape[1] != len(classes):
+        raise ValueError(f"proba must be (n, {len(classes)}) for {len(classes)} classes, got shape {proba.shape}")
+    titles = []
+    calls = predictions(proba[list(indices)]) if len(indices) else []
+    for i, predicted in zip(indices, calls):
+        predicted = int(predicted)
+        caption = f"true: {classes[int(y_true[i])]} / pred: {classes[predicted]} ({proba[i, predicted]:.2f})"
+        titles.append(f"{names[i]}\n{caption}" if names is not None else caption)
+    return titles
 
 
 def plot_image_grid(

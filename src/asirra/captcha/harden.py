@@ -15,13 +15,25 @@ Methods (what the perturbation pushes the surrogates towards):
   random-target  `steps` steps towards a class drawn by coin flip per image, independent of its label
   feature        `steps` steps pushing the surrogates' penultimate features away from the clean
                  image's, with no label at all
+  balanced-target  a coin-flip target per image like random-target, but the objective is the move of
+                 the surrogates' logit towards it, capped at `logit_clip`: a push towards the image's
+                 own class counts as much as one towards the other, so both classes get moves of one
+                 size in either direction (random-target's cross-entropy saturates towards the own class)
+  universal      one image-agnostic perturbation (Moosavi-Dezfooli et al. 2017), crafted once over a
+                 crafting set (`crafting`: a labelled folder that shares no image with the pool) by
+                 `steps` passes of signed steps away from each crafting image's label, then resized to
+                 every pool image's resolution and added: identical noise for a cat and a dog
+  universal-uncertain  the same, with an objective that uses no label at all: every crafting image is
+                 pushed towards the surrogates' maximum uncertainty (binary entropy)
 
 fgsm and pgd write the label into the noise: every cat is pushed the same way, so an attacker who
 buys a few hundred labels learns the push and reads it back (the issue's calibration run: a probe
 on 240 hardened photos read new hardened photos at 86%). random-target makes the push independent
 of the label by construction; feature uses no label, but pushing away from "this cat" may still
 point away from cats in general, so its leak is measured rather than assumed
-(benchmarks/bench_harden.py).
+(benchmarks/bench_harden.py). balanced-target caps the push so its size does not depend on the
+class; the universal methods add the same pixels to every image, so the noise itself cannot carry a
+label, though a network's response to it still differs between cats and dogs (measured too).
 
 Surrogates are the defender's models: run or model folders, registry names resolved under
 runs/surrogates/<name> ($ASIRRA_SURROGATES), or `shipped` (the attacker's model: white-box only).
@@ -30,9 +42,12 @@ runs/surrogates/<name> ($ASIRRA_SURROGATES), or `shipped` (the attacker's model:
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
+import sys
+import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -42,13 +57,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from asirra import DOG
 from asirra.captcha.derived_pool import DerivedPoolSummary, derive_pool
 from asirra.captcha.service import ServiceSettings
+from asirra.fileio import atomic_path, write_json_atomic
 
-METHODS = ("fgsm", "pgd", "random-target", "feature")
-DEFAULT_STEPS = {"fgsm": 1, "pgd": 4, "random-target": 4, "feature": 4}
+METHODS = ("fgsm", "pgd", "random-target", "feature", "balanced-target", "universal", "universal-uncertain")
+UNIVERSAL = ("universal", "universal-uncertain")  # one pattern for every image; `steps` = passes over the crafting set
+DEFAULT_STEPS = {"fgsm": 1, "pgd": 4, "random-target": 4, "feature": 4, "balanced-target": 4, "universal": 3,
+                 "universal-uncertain": 3}
+PATTERN_SIDE = 224  # the universal pattern's resolution; bilinear resizing keeps it within epsilon
+PATTERN_FILE = "universal-perturbation.npy"  # in the hardened pool, so a resumed run adds the same noise
 MAX_EPSILON = Fraction(64, 255)  # far beyond what people tolerate; a bound against typos like "4"
 SHIPPED = "shipped"
 
@@ -67,6 +88,9 @@ class HardenConfig:
     step_size: float | None = None  # in 0..255 units; None: 2.5 * eps / steps (Madry et al.)
     momentum: float = 1.0  # MI-FGSM's decay; helps perturbations transfer to unseen models
     seed: int = 0
+    crafting: str | None = None  # universal*: a labelled folder of the defender's own images, none of them in the pool
+    crafting_limit: int = 64  # universal*: crafting images drawn (seeded) from `crafting`
+    logit_clip: float = 4.0  # balanced-target: the surrogate-logit move each image gets, in either direction
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,6 +105,12 @@ class HardenConfig:
             raise HardenError(f"eot must be at least 1, got {self.eot}")
         if not self.surrogates:
             raise HardenError("give at least one surrogate model")
+        if self.method in UNIVERSAL and not self.crafting:
+            raise HardenError(f"{self.method} needs a crafting set (--crafting DATA) of images that are not in the pool")
+        if self.crafting_limit < 1:
+            raise HardenError(f"crafting_limit must be at least 1, got {self.crafting_limit}")
+        if self.logit_clip <= 0:
+            raise HardenError(f"logit_clip must be positive, got {self.logit_clip:g}")
 
     @property
     def n_steps(self) -> int:
@@ -217,6 +247,7 @@ class Hardener:
     def __init__(self, config: HardenConfig, surrogates: Sequence[Surrogate], service: ServiceSettings | None = None):
         self.config, self.surrogates = config, list(surrogates)
         self.service = service or ServiceSettings()
+        self.pattern: torch.Tensor | None = None  # universal*: (1, 3, PATTERN_SIDE, PATTERN_SIDE) in 0..255 units
 
     def __call__(self, original: np.ndarray, key: str, ref) -> tuple[np.ndarray, dict]:
         config = self.config
@@ -224,7 +255,12 @@ class Hardener:
         x = torch.from_numpy(np.array(original)).permute(2, 0, 1).unsqueeze(0).float()
         target = self._target(ref.label, rng)
         eps = config.epsilon_255
-        adv = x if eps == 0 else self._craft(x, target, eps, rng)
+        if config.method in UNIVERSAL:
+            if self.pattern is None:
+                raise HardenError("craft the universal perturbation first (Hardener.craft_universal)")
+            adv = x + fit_pattern(self.pattern, x.shape[2:])
+        else:
+            adv = x if eps == 0 else self._craft(x, target, eps, rng)
         adv = torch.minimum(torch.maximum(adv.round(), x - eps), x + eps).clamp(0, 255)
         changed = adv[0].permute(1, 2, 0).to(torch.uint8).numpy()
         fields = {"method": config.method, "epsilon": config.epsilon, "epsilon_255": eps,
@@ -232,7 +268,7 @@ class Hardener:
                   "white_box": any(s.white_box for s in self.surrogates),
                   "steps": config.n_steps, "eot": config.eot, "seed": config.seed,
                   **self._surrogate_scores(x, adv, rng)}
-        if config.method == "random-target":
+        if config.method in ("random-target", "balanced-target"):
             fields["target"] = "dog" if target == DOG else "cat"
         return changed, fields
 
@@ -240,7 +276,7 @@ class Hardener:
         """The class the loss is about (1.0 = dog): the label (to climb away from), a coin flip, or none."""
         if self.config.method in ("fgsm", "pgd"):
             return float(label == DOG)
-        if self.config.method == "random-target":
+        if self.config.method in ("random-target", "balanced-target"):
             return float(rng.random() < 0.5)
         return None
 
@@ -248,6 +284,8 @@ class Hardener:
         config, steps = self.config, self.config.n_steps
         generator = torch.Generator().manual_seed(rng.getrandbits(63))
         clean = self._clean_features(x, rng) if config.method == "feature" else None
+        if config.method == "balanced-target":
+            clean = self._clean_logits(x, rng)
         if config.method == "fgsm":
             delta = torch.zeros_like(x)
             step = float(eps)
@@ -259,6 +297,8 @@ class Hardener:
             delta.requires_grad_(True)
             objective = self._objective((x + delta).clamp(0, 255), target, clean, rng)
             (grad,) = torch.autograd.grad(objective, delta)
+            if not grad.any():  # balanced-target: every view has made its capped move; stop, not coast on momentum
+                break
             with torch.no_grad():
                 velocity = config.momentum * velocity + grad / grad.abs().mean().clamp_min(1e-12)
                 delta = (delta + step * velocity.sign()).clamp(-eps, eps)
@@ -270,6 +310,12 @@ class Hardener:
         total = 0.0
         for i, surrogate in enumerate(self.surrogates):
             views = torch.cat([served_view(x, rng, self.service, surrogate.size) for _ in range(self.config.eot)])
+            if self.config.method == "balanced-target":
+                # Signed logit move towards the target, capped: no saturation, one size for either class.
+                sign = 1.0 if target == 1.0 else -1.0
+                move = sign * (surrogate.logits(views) - clean[i])
+                total = total + move.clamp(max=self.config.logit_clip).mean()
+                continue
             if clean is not None:
                 moved = surrogate.features(views) - clean[i]
                 total = total + (moved.pow(2).sum(1) / clean[i].pow(2).sum(1).clamp_min(1e-12)).mean()
@@ -279,6 +325,49 @@ class Hardener:
             loss = F.binary_cross_entropy_with_logits(logits, aim)
             # Untargeted methods climb the loss of the true label; random-target descends towards its target.
             total = total + (loss if self.config.method in ("fgsm", "pgd") else -loss)
+        return total / len(self.surrogates)
+
+    @torch.no_grad()
+    def _clean_logits(self, x: torch.Tensor, rng: random.Random) -> list[torch.Tensor]:
+        return [s.logits(torch.cat([served_view(x, rng, self.service, s.size) for _ in range(self.config.eot)])).mean()
+                for s in self.surrogates]
+
+    def craft_universal(self, crafting: Sequence[np.ndarray], labels: Sequence[int], progress: bool = False) -> torch.Tensor:
+        """One pattern for all images: `steps` passes of signed, momentum-averaged steps over the crafting
+        images (each at its own resolution, through the served transformations), projected to epsilon."""
+        config, eps = self.config, self.config.epsilon_255
+        rng = random.Random(f"{config.seed}:universal")
+        pattern = torch.zeros(1, 3, PATTERN_SIDE, PATTERN_SIDE)
+        step = config.step_size or eps / 8  # many small steps: every crafting image gets a say
+        velocity = torch.zeros_like(pattern)
+        order = list(range(len(crafting)))
+        images = [torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float() for image in crafting]
+        with tqdm(total=config.n_steps * len(order), desc=f"crafting {config.method}", unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for _ in range(config.n_steps if eps else 0):
+                rng.shuffle(order)
+                for i in order:
+                    pattern.requires_grad_(True)
+                    x = images[i]
+                    adv = (x + fit_pattern(pattern, x.shape[2:])).clamp(0, 255)
+                    objective = self._universal_objective(adv, float(labels[i] == DOG), rng)
+                    (grad,) = torch.autograd.grad(objective, pattern)
+                    with torch.no_grad():
+                        velocity = config.momentum * velocity + grad / grad.abs().mean().clamp_min(1e-12)
+                        pattern = (pattern + step * velocity.sign()).clamp(-eps, eps)
+                    bar.update()
+        self.pattern = pattern.detach()
+        return self.pattern
+
+    def _universal_objective(self, x: torch.Tensor, label: float, rng: random.Random) -> torch.Tensor:
+        total = 0.0
+        for surrogate in self.surrogates:
+            views = torch.cat([served_view(x, rng, self.service, surrogate.size) for _ in range(self.config.eot)])
+            z = surrogate.logits(views)
+            if self.config.method == "universal":  # away from the crafting image's label (the published method)
+                total = total + F.binary_cross_entropy_with_logits(z, torch.full_like(z, label))
+            else:  # binary entropy softplus(z) - z * sigmoid(z): highest at P(dog) = 0.5, whatever the label
+                total = total + (F.softplus(z) - z * torch.sigmoid(z)).mean()
         return total / len(self.surrogates)
 
     @torch.no_grad()
@@ -296,15 +385,83 @@ class Hardener:
         return {"surrogate_p_dog_before": round(p_dog(x), 4), "surrogate_p_dog_after": round(p_dog(adv), 4)}
 
 
+def fit_pattern(pattern: torch.Tensor, size) -> torch.Tensor:
+    """The universal pattern resized to one image's (H, W); bilinear interpolation never leaves [-eps, eps]."""
+    return F.interpolate(pattern, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def harden_pool(refs: Sequence, out: str | os.PathLike, config: HardenConfig, surrogates: Sequence[Surrogate] | None = None,
                 progress: bool = True, **derive_options) -> DerivedPoolSummary:
     """Write the hardened pool of the labelled `refs` in `out` (resumable; see derived_pool)."""
     surrogates = load_surrogates(config.surrogates) if surrogates is None else list(surrogates)
-    settings = {"maker": "harden", **asdict(config), "surrogates": [s.name for s in surrogates],
+    fields = asdict(config)
+    # Settings only a method uses are recorded only for it, so pools made before these fields resume unchanged.
+    if config.method not in UNIVERSAL:
+        del fields["crafting"], fields["crafting_limit"]
+    if config.method != "balanced-target":
+        del fields["logit_clip"]
+    settings = {"maker": "harden", **fields, "surrogates": [s.name for s in surrogates],
                 "surrogate_folders": [s.folder for s in surrogates], "steps": config.n_steps,
                 "epsilon_255": config.epsilon_255, "white_box": any(s.white_box for s in surrogates),
                 "eot_transforms": "service crop/resize (differentiable) + JPEG (straight-through) + mirror",
                 "service": {k: v for k, v in asdict(ServiceSettings()).items()
                             if k in ("max_crop", "image_side", "image_quality")}}
-    return derive_pool(refs, out, settings, Hardener(config, surrogates), progress=progress,
-                       desc=f"hardening ({config.method}, eps {config.epsilon_255}/255)", **derive_options)
+    hardener = Hardener(config, surrogates)
+    crafted = _universal_pattern(refs, Path(out), settings, hardener, progress) if config.method in UNIVERSAL else None
+    summary = derive_pool(refs, out, settings, hardener, progress=progress,
+                          desc=f"hardening ({config.method}, eps {config.epsilon_255}/255)", **derive_options)
+    if crafted is not None:  # the defender's one-off cost, beside the per-image seconds derive_pool sums
+        path = Path(summary.files["summary"])
+        write_json_atomic(path, {**json.loads(path.read_text()), **crafted,
+                                 "crafting_seconds_per_image": round(crafted["crafting_seconds"] / max(1, summary.written), 4)})
+    return summary
+
+
+def _universal_pattern(refs: Sequence, out: Path, settings: dict, hardener: Hardener, progress: bool) -> dict:
+    """Craft (or, on a resumed run, reload) the one pattern, on crafting images that are not in the pool."""
+    from asirra.cache import content_key
+    from asirra.captcha.derived_pool import _claim
+    from asirra.data import scan
+    from asirra.images import UnusableImage, load_image
+
+    config = hardener.config
+    _claim(out, settings)  # refuses a folder made otherwise before any crafting time is spent
+    pattern_path, info_path = out / PATTERN_FILE, out / "universal-crafting.json"
+    if pattern_path.exists() and info_path.exists():
+        hardener.pattern = torch.from_numpy(np.load(pattern_path))
+        return json.loads(info_path.read_text())
+    try:
+        candidates = scan(config.crafting, labelled=True)
+    except ValueError as exc:
+        raise HardenError(f"crafting set {config.crafting}: {exc}") from None
+    pool_keys = set()
+    for ref in refs:
+        try:
+            pool_keys.add(content_key(ref.read_bytes()))
+        except OSError:
+            continue
+    random.Random(f"{config.seed}:crafting").shuffle(candidates)
+    start = time.perf_counter()
+    images, labels, overlap = [], [], 0
+    for ref in candidates:
+        if len(images) == config.crafting_limit:
+            break
+        data = ref.read_bytes()
+        if content_key(data) in pool_keys:  # a crafting image must never be a scored one
+            overlap += 1
+            continue
+        try:
+            images.append(np.asarray(load_image(data), dtype=np.uint8))
+        except UnusableImage:
+            continue
+        labels.append(ref.label)
+    if not images:
+        raise HardenError(f"crafting set {config.crafting} has no usable image outside the pool")
+    pattern = hardener.craft_universal(images, labels, progress=progress)
+    info = {"crafting_images": len(images), "crafting_skipped_in_pool": overlap,
+            "crafting_seconds": round(time.perf_counter() - start, 2), "pattern_side": PATTERN_SIDE,
+            "pattern_file": PATTERN_FILE, "pattern_linf_255": round(float(pattern.abs().max()), 3)}
+    with atomic_path(pattern_path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, pattern.numpy())
+    write_json_atomic(info_path, info)
+    return info

@@ -1,0 +1,395 @@
+"""The attacker ladder: model folders for `asirra attack --model`, from the shipped model to adaptive attackers.
+
+Rungs, weakest knowledge first:
+- shipped: the model asirra ships (nothing is built);
+- seed-cnn-alt, lite2-probe: models the defender never used (its surrogates are seed-cnn and
+  effnet-lite0 by the defender's recipe), trained on clean labelled photos;
+- bought-labels, adv-trained, passed-challenges: adaptive attackers. They know the method but not
+  the defender's surrogates, and learn from images *as served* (the service's crop, resize and
+  JPEG re-encoding, and any hardening of its pool): fetched over HTTP when a service URL is given,
+  else rendered with the service's own re-encoding (`service.render_jpeg`) from the pool.
+
+Labels an attacker could buy from a solving farm come from the truth (it stands in for the farm);
+over HTTP a served image is matched back to its pool photo by a small thumbnail, the way a farm's
+answer would be tied to the image it was shown. Each build writes `attacker.json` beside its model
+(recipe, the pool ids it used, so evaluations can hold them out, the label cost, seconds) and is
+reused when asked again with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from asirra import CAT, DOG
+from asirra.fileio import write_json_atomic
+
+SHIPPED = "shipped"
+ATTACKERS: dict[str, str] = {
+    SHIPPED: "the model shipped with asirra (effnet-lite2 fine-tuned on 15,200 photos)",
+    "seed-cnn-alt": "seed-cnn from scratch by another recipe than the defender's (96 px, widths 24/48/96, "
+                    "dense 256, label smoothing, no rotation/shear augmentation)",
+    "lite2-probe": "effnet-lite2 (another size than the defender's lite0 surrogate) linear probe on clean photos",
+    "bought-labels": "effnet-lite2 linear probe on a few hundred served images labelled by a solving farm "
+                     "($0.5-3 per thousand labels; the truth stands in for the farm)",
+    "adv-trained": "adversarial training: probe A on served images, PGD eps 4/255 against A with the published "
+                   "method (harden.Hardener), then a probe on clean + hardened",
+    "passed-challenges": "attacks with the shipped model, keeps the challenges it passed (a pass labels all 12 "
+                         "images) and trains an effnet-lite2 probe on them",
+}
+# Images each rung trains on unless told (`budget`): minutes on 2 shared cores.
+DEFAULT_BUDGET = {"seed-cnn-alt": 2000, "lite2-probe": 600, "bought-labels": 300, "adv-trained": 120,
+                  "passed-challenges": 300}
+FARM_DOLLARS_PER_1000 = (0.5, 3.0)  # what solving farms charge per thousand labels (issue 8)
+RECORD = "attacker.json"
+PROBE_MODEL = "effnet-lite2"
+MATCH_SIDE = 12  # thumbnail side for tying a served image back to its pool photo
+MAX_WAIT = 120.0  # seconds of Retry-After a build waits out in all
+
+
+class LadderError(ValueError):
+    """An unknown rung, or inputs a rung cannot be built from."""
+
+
+# ---- the public entry point ----------------------------------------------------------------
+
+
+def build_attacker(name: str, out: str | Path, *, train_data: str | Path | None = None,
+                   service_url: str | None = None, budget: int | None = None, seed: int = 0,
+                   progress: bool = True) -> Path:
+    """Build rung `name` in `out` (reused if already built with these settings) -> its model folder."""
+    from asirra.models import resolve_model_folder
+    from asirra.predict import default_model_path
+
+    if name not in ATTACKERS:
+        raise LadderError(f"unknown attacker {name!r}; choose one of {', '.join(ATTACKERS)}")
+    if name == SHIPPED:
+        return default_model_path()
+    if train_data is None or not Path(train_data).exists():
+        raise LadderError(f"attacker {name} needs a labelled pool to train on (--data), got {train_data}")
+    if service_url is not None and not service_url.startswith(("http://", "https://")):
+        raise LadderError(f"the service URL must start with http:// or https://, got {service_url!r}")
+    budget = DEFAULT_BUDGET[name] if budget is None else budget
+    if budget < 12:
+        raise LadderError(f"budget must be at least 12 images, got {budget}")
+    out = Path(out)
+    settings = {"name": name, "train_data": str(Path(train_data).resolve()), "service_url": service_url,
+                "budget": budget, "seed": seed}
+    record_path = out / RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in settings} == settings:
+            return resolve_model_folder(out / "model")
+        raise LadderError(f"{out} holds attacker {record.get('name')} built with other settings; "
+                          f"choose another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    extra = BUILDERS[name](out, Path(train_data), service_url, budget, seed, progress)
+    record = {**settings, "description": ATTACKERS[name], **extra,
+              "seconds": round(time.perf_counter() - started, 1)}
+    write_json_atomic(record_path, record)
+    _say(f"attacker {name} built in {record['seconds']:.0f} s -> {out / 'model'}")
+    return resolve_model_folder(out / "model")
+
+
+def used_ids(out: str | Path) -> set[str]:
+    """The pool photos (file names) a built attacker learnt from: hold them out when measuring it."""
+    path = Path(out) / RECORD
+    return set(json.loads(path.read_text()).get("used", [])) if path.exists() else set()
+
+
+# ---- rungs ----------------------------------------------------------------------------------
+
+
+def _seed_cnn_alt(out, data, url, budget, seed, progress) -> dict:
+    from asirra.config import AugmentConfig, Schedule, Strategy, TrainConfig
+
+    config = TrainConfig(data=str(data), out=str(out / "run"), model="seed-cnn", image_size=96,
+                         model_options={"widths": [24, 48, 96], "dense": 256}, strategy=Strategy.scratch,
+                         epochs=8, batch_size=32, lr=2e-3, label_smoothing=0.1, schedule=Schedule.cosine,
+                         weight_decay=5e-4, augment=AugmentConfig(rotation_deg=0.0, shear=0.0, zoom=0.1, shift=0.05),
+                         limit=budget, seed=seed + 101, workers=1)
+    return _train_and_keep(config, out, used=_limited_names(data, budget, seed + 101))
+
+
+def _lite2_probe(out, data, url, budget, seed, progress) -> dict:
+    config = _probe_config(data, out / "run", seed + 202, limit=budget, views=2)
+    return _train_and_keep(config, out, used=_limited_names(data, budget, seed + 202))
+
+
+def _bought_labels(out, data, url, budget, seed, progress) -> dict:
+    served, used = _served_labelled(out / "served", data, url, budget, seed, progress)
+    low, high = (budget * d / 1000 for d in FARM_DOLLARS_PER_1000)
+    extra = _train_and_keep(_probe_config(served, out / "run", seed), out, used=used)
+    return {**extra, "labels_bought": budget, "label_cost_dollars": [round(low, 4), round(high, 4)]}
+
+
+def _adv_trained(out, data, url, budget, seed, progress) -> dict:
+    from asirra.captcha.harden import HardenConfig, harden_pool, load_surrogate
+    from asirra.data import scan
+    from asirra.models import resolve_model_folder
+
+    served, used = _served_labelled(out / "served", data, url, budget, seed, progress)
+    own = out / "own"  # the attacker's own model: the surrogate it hardens against
+    if not (own / "model").exists():
+        _train(_probe_config(served, own, seed))
+    config = HardenConfig(method="pgd", epsilon=4 / 255, surrogates=(str(own),), seed=seed)
+    harden_pool(scan(served), out / "hardened", config, surrogates=[load_surrogate(str(resolve_model_folder(own)))],
+                progress=progress)
+    both = out / "clean+hardened"
+    _link_labelled(both, scan(served), offset=0)
+    _link_labelled(both, scan(out / "hardened"), offset=1_000_000)
+    extra = _train_and_keep(_probe_config(both, out / "run", seed), out, used=used)
+    return {**extra, "hardening": {"method": "pgd", "epsilon_255": 4, "surrogate": "its own probe (out/own)"}}
+
+
+def _passed_challenges(out, data, url, budget, seed, progress, solver=None) -> dict:
+    from asirra.predict import load_classifier
+
+    solver = solver or load_classifier(None)
+    served = out / "served"
+    kept, tried, passed = _passed(served, data, url, budget, seed, solver, progress)
+    if passed == 0:
+        raise LadderError(f"the shipped model passed none of {tried} challenges: nothing to train on")
+    extra = _train_and_keep(_probe_config(served, out / "run", seed), out, used=kept)
+    return {**extra, "challenges_tried": tried, "challenges_passed": passed, "images": passed * 12}
+
+
+BUILDERS: dict[str, Callable] = {"seed-cnn-alt": _seed_cnn_alt, "lite2-probe": _lite2_probe,
+                                 "bought-labels": _bought_labels, "adv-trained": _adv_trained,
+                                 "passed-challenges": _passed_challenges}
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def _probe_config(data: Path, run: Path, seed: int, limit: int | None = None, views: int = 1):
+    from asirra.config import Schedule, Strategy, TrainConfig
+
+    # The linear path caches the frozen backbone's activations: seconds per epoch once cached.
+    return TrainConfig(data=str(data), out=str(run), model=PROBE_MODEL, strategy=Strategy.linear, views=views,
+                       epochs=30, schedule=Schedule.cosine, weight_decay=1e-4, limit=limit, seed=seed, workers=1)
+
+
+def _train(config) -> Path:
+    from asirra.train import train
+
+    run = Path(config.out)
+    return train(config, resume=(run / "checkpoint.pt").exists())
+
+
+def _train_and_keep(config, out: Path, used: Sequence[str]) -> dict:
+    """Train (resuming), then keep the model as out/model; the run's validation figures go in the record."""
+    run = _train(config)
+    target = out / "model"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(Path(run) / "model", target)
+    metrics = {}
+    config_json = json.loads((target / "model.json").read_text())
+    val = config_json.get("extra", {}).get("val")
+    if val:
+        metrics = {"val_accuracy": val.get("accuracy"), "val_n": val.get("n")}
+    return {"used": sorted(set(used)), "model": config.model, "strategy": str(config.strategy.value),
+            "train_images": len(set(used)), **metrics}
+
+
+def _limited_names(data: Path, limit: int, seed: int) -> list[str]:
+    """The names `TrainConfig(limit=...)` draws (the same stratified subset), for the record."""
+    from asirra.data import scan
+    from asirra.splits import stratified_subset
+
+    refs = scan(data, labelled=True)
+    return [refs[i].name for i in stratified_subset(np.array([r.label for r in refs]), limit, seed)]
+
+
+# ---- images as served ----------------------------------------------------------------------
+
+
+def _pick(refs: list, n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return rng.sample(refs, min(n, len(refs)))
+
+
+def _write_labelled(folder: Path, index: int, label: int, jpeg: bytes) -> None:
+    path = folder / f"{'cat' if label == CAT else 'dog'}.{index}.jpg"
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(jpeg)
+    tmp.replace(path)
+
+
+def _served_labelled(folder: Path, data: Path, url: str | None, budget: int, seed: int,
+                     progress: bool) -> tuple[Path, list[str]]:
+    """`budget` served JPEGs with their labels in `folder` (Kaggle names) -> (folder, pool names used).
+
+    Resumable: a finished folder (its `used.json` written) is reused."""
+    from asirra.data import scan
+
+    done = folder / "used.json"
+    if done.exists():
+        return folder, json.loads(done.read_text())
+    refs = scan(data, labelled=True)
+    if not refs:
+        raise LadderError(f"no labelled images in {data}")
+    folder.mkdir(parents=True, exist_ok=True)
+    used: list[str] = []
+    if url is None:
+        from asirra.captcha.service import ServiceSettings, render_jpeg
+
+        settings, rng = ServiceSettings(), random.Random(seed)
+        for i, ref in enumerate(tqdm(_pick(refs, budget, seed), desc="served images", disable=not progress)):
+            _write_labelled(folder, i, ref.label, render_jpeg(ref.load(draft_size=settings.image_side[1]), rng, settings))
+            used.append(ref.name)
+    else:
+        matcher = _Matcher(refs)
+        with _Session(url) as session:
+            bar = tqdm(total=budget, desc="served images (HTTP)", disable=not progress)
+            while len(used) < budget:
+                cid, images = session.challenge()
+                labels = [matcher.match(jpeg) for jpeg in images]
+                for jpeg, ref in list(zip(images, labels))[: budget - len(used)]:
+                    _write_labelled(folder, len(used), ref.label, jpeg)
+                    used.append(ref.name)
+                    bar.update(1)
+                # The farm's answer is submitted, as a farm-backed bot would, so no challenge is left pending.
+                session.answer(cid, [i for i, ref in enumerate(labels) if ref.label == CAT])
+            bar.close()
+    write_json_atomic(done, used)
+    return folder, used
+
+
+def _passed(folder: Path, data: Path, url: str | None, budget: int, seed: int, solver,
+            progress: bool) -> tuple[list[str], int, int]:
+    """Attack until `budget` images are labelled by passes (or 3x the attempts that needs) -> (names, tried, passed).
+
+    Locally the challenge is drawn and re-encoded as the service does; over HTTP it is a live challenge
+    and only the verdict is known, so the pool names are matched back for the record."""
+    from asirra.captcha.challenge import count_mistakes, draw_challenge
+    from asirra.data import scan
+
+    refs = scan(data, labelled=True)
+    if len(refs) < 12:
+        raise LadderError(f"{data} has {len(refs)} labelled images; a challenge needs 12")
+    folder.mkdir(parents=True, exist_ok=True)
+    want = math.ceil(budget / 12)
+    tried = passed = 0
+    kept: list[str] = []
+    bar = tqdm(total=want, desc="challenges passed", disable=not progress)
+    if url is None:
+        from asirra.captcha.service import ServiceSettings, render_jpeg
+
+        settings, rng, np_rng = ServiceSettings(), random.Random(seed), np.random.default_rng(seed)
+        session, matcher = None, None
+    else:
+        session, matcher = _Session(url), _Matcher(refs)
+    try:
+        while passed < want and tried < 3 * want:
+            tried += 1
+            if session is None:
+                challenge = draw_challenge(refs, np_rng)
+                images = [render_jpeg(r.load(draft_size=settings.image_side[1]), rng, settings) for r in challenge.refs]
+            else:
+                cid, images = session.challenge()
+            cats = solver.solve(images)
+            selected = [i for i, is_cat in enumerate(cats) if is_cat]
+            if session is None:
+                ok = count_mistakes(selected, challenge.answer) == 0
+                names = [r.name for r in challenge.refs]
+            else:
+                ok = session.answer(cid, selected) == "pass"
+                names = [matcher.match(jpeg).name for jpeg in images] if ok else []
+            if not ok:
+                continue
+            for jpeg, is_cat, name in zip(images, cats, names):  # a pass: the bot's answers are the truth
+                _write_labelled(folder, len(kept), CAT if is_cat else DOG, jpeg)
+                kept.append(name)
+            passed += 1
+            bar.update(1)
+    finally:
+        bar.close()
+        if session is not None:
+            session.close()
+    return kept, tried, passed
+
+
+class _Matcher:
+    """Ties a served JPEG to its pool photo: nearest small thumbnail of the centre (the service trims the edges)."""
+
+    def __init__(self, refs: Sequence):
+        self.refs = list(refs)
+        self.thumbs = np.stack([self._thumb(r.load(draft_size=64)) for r in tqdm(self.refs, desc="indexing pool",
+                                                                                  leave=False)])
+
+    @staticmethod
+    def _thumb(image: Image.Image) -> np.ndarray:
+        w, h = image.size
+        crop = image.convert("RGB").crop((0.08 * w, 0.08 * h, 0.92 * w, 0.92 * h))
+        return np.asarray(crop.resize((MATCH_SIDE, MATCH_SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
+
+    def match(self, jpeg: bytes):
+        thumb = self._thumb(Image.open(BytesIO(jpeg)))
+        return self.refs[int(np.argmin(((self.thumbs - thumb) ** 2).sum(axis=1)))]
+
+
+class _Session:
+    """A patient client of the public API: waits out Retry-After (up to MAX_WAIT in all)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.client = httpx.Client(base_url=url, timeout=30.0)
+        self.waited = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _send(self, method: str, path: str, **kwargs):
+        while True:
+            response = self.client.request(method, path, **kwargs)
+            if response.status_code in (429, 503):
+                delay = float(response.headers.get("Retry-After", "1") or 1)
+                if self.waited + delay > MAX_WAIT:
+                    raise LadderError(f"the service kept refusing ({response.status_code}) beyond {MAX_WAIT:.0f} s of waiting")
+                self.waited += delay
+                time.sleep(delay)
+                continue
+            if response.status_code >= 400:
+                raise LadderError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
+            return response
+
+    def challenge(self) -> tuple[str, list[bytes]]:
+        body = self._send("POST", "/api/challenge").json()
+        return body["id"], [self._send("GET", url).content for url in body["images"]]
+
+    def answer(self, cid: str, selected: list[int]) -> str:
+        return self._send("POST", f"/api/challenge/{cid}/answer", json={"selected": selected}).json()["result"]
+
+
+def _link_labelled(folder: Path, refs: Sequence, offset: int) -> None:
+    """Copy labelled images into one Kaggle-named training folder, numbered from `offset` (two sources stay apart)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, ref in enumerate(refs):
+        target = folder / f"{'cat' if ref.label == CAT else 'dog'}.{offset + i}{Path(ref.source).suffix}"
+        if not target.exists():
+            shutil.copyfile(ref.source, target)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)

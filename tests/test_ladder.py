@@ -1,0 +1,85 @@
+"""The attacker ladder builds model folders `asirra attack --model` takes, from images as served.
+
+The pools are the synthetic reddish cats / bluish dogs of captcha_service_support: the colour bot
+labels them perfectly through the service's re-encoding, so it checks the labels an attacker got.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asirra import CAT
+from asirra.captcha import ladder
+from asirra.captcha.ladder import ATTACKERS, LadderError, build_attacker, used_ids
+from asirra.captcha.safeguards import parse_safeguard
+from asirra.captcha.service import create_app, running
+from asirra.data import scan
+from asirra.predict import DEFAULT_MODEL_DIR, load_classifier
+from captcha_service_support import GENEROUS, ColourClassifier, make_pool
+
+
+def _labels_agree_with_colour(folder: Path) -> None:
+    refs = scan(folder)
+    assert refs
+    seen = ColourClassifier().solve([ref.source for ref in refs])
+    assert [ref.label == CAT for ref in refs] == seen
+
+
+def test_unknown_rung_and_missing_data_are_one_line_errors(tmp_path):
+    with pytest.raises(LadderError, match="unknown attacker"):
+        build_attacker("oracle", tmp_path / "x", train_data=tmp_path)
+    with pytest.raises(LadderError, match="labelled pool"):
+        build_attacker("bought-labels", tmp_path / "x", train_data=tmp_path / "missing")
+    with pytest.raises(LadderError, match="http"):
+        build_attacker("bought-labels", tmp_path / "x", train_data=tmp_path, service_url="ftp://x")
+
+
+def test_shipped_builds_nothing(tmp_path):
+    assert build_attacker("shipped", tmp_path / "s") == DEFAULT_MODEL_DIR
+    assert not (tmp_path / "s").exists()
+    assert set(ladder.BUILDERS) | {"shipped"} == set(ATTACKERS)
+
+
+def test_passed_challenges_keeps_only_passes_labelled_by_the_answers(tmp_path):
+    pool = tmp_path / "pool"
+    make_pool(pool, cats=14, dogs=14, disguised=4)  # the colour bot fails some challenges
+    kept, tried, passed = ladder._passed(tmp_path / "served", pool, None, budget=36, seed=0,
+                                         solver=ColourClassifier(), progress=False)
+    assert 0 < passed <= tried and len(kept) == 12 * passed
+    assert tried > passed  # 4 disguised cats in 28: most challenges hold one
+    assert not {f"cat.{i}.jpg" for i in range(4)} & set(kept)  # a passed challenge never held a disguised cat
+    _labels_agree_with_colour(tmp_path / "served")
+
+
+@pytest.mark.slow
+def test_bought_labels_over_http_then_attack_uses_it(tmp_path):
+    pool_dir = tmp_path / "pool"
+    pool = make_pool(pool_dir, cats=16, dogs=16)
+    app = create_app(pool, parse_safeguard("none"), GENEROUS)
+    out = tmp_path / "bought"
+    with running(app) as url:
+        folder = build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=24, progress=False)
+        _labels_agree_with_colour(out / "served")  # the farm's labels, matched back over HTTP, are right
+        record = json.loads((out / "attacker.json").read_text())
+        assert record["labels_bought"] == 24
+        assert record["label_cost_dollars"] == [pytest.approx(0.012), pytest.approx(0.072)]
+        assert used_ids(out) and used_ids(out) <= {ref.name for ref in pool}
+        assert load_classifier(folder).config.name == "effnet-lite2"
+        # Asked again with the same settings: reused, not rebuilt; other settings: refused.
+        stamp = (folder / "model.safetensors").stat().st_mtime_ns
+        assert build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=24) == folder
+        assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+        with pytest.raises(LadderError, match="other settings"):
+            build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=36)
+        result = subprocess.run([sys.executable, "-m", "asirra.cli", "attack", "--url", url, "--model", str(out),
+                                 "--challenges", "3", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-800:]
+    report = json.loads(result.stdout)
+    assert report["answered"] == 3
+    # Trained on served bytes of this very pool, the probe should separate red from blue.
+    assert report["passed"] >= 2
