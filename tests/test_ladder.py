@@ -11,13 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
 from asirra import CAT
 from asirra.captcha import ladder
 from asirra.captcha.ladder import ATTACKERS, LadderError, build_attacker, used_ids
 from asirra.captcha.safeguards import parse_safeguard
 from asirra.captcha.service import create_app, running
+from asirra.cli import app
 from asirra.data import scan
 from asirra.predict import DEFAULT_MODEL_DIR, load_classifier
 from captcha_service_support import GENEROUS, ColourClassifier, make_pool
@@ -83,3 +87,26 @@ def test_bought_labels_over_http_then_attack_uses_it(tmp_path):
     assert report["answered"] == 3
     # Trained on served bytes of this very pool, the probe should separate red from blue.
     assert report["passed"] >= 2
+
+
+@pytest.mark.slow
+def test_adv_trained_from_the_cli_hardens_its_own_images_within_eps_and_learns_from_both(tmp_path):
+    pool = tmp_path / "pool"
+    make_pool(pool, cats=12, dogs=12)
+    out = tmp_path / "adv"
+    result = CliRunner().invoke(app, ["captcha", "attacker", "adv-trained", "--out", str(out), "--data", str(pool),
+                                      "--budget", "24"])
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.splitlines()[-1]) == out / "model"  # the folder `asirra attack --model` takes
+    record = json.loads((out / "attacker.json").read_text())
+    assert record["hardening"]["epsilon_255"] == 4 and len(record["used"]) == 24
+    # Its own adversarial copies: every stored file within 4/255 of the served image it was made from.
+    manifest = [json.loads(line) for line in (out / "hardened" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 24
+    for entry in manifest:
+        made = np.asarray(Image.open(out / "hardened" / entry["file"]).convert("RGB"), dtype=np.int16)
+        source = np.asarray(Image.open(entry["source"]).convert("RGB"), dtype=np.int16)
+        assert made.shape == source.shape and np.abs(made - source).max() <= 4
+    assert len(scan(out / "clean+hardened")) == 48  # it learns from the clean and the hardened copies
+    clf = load_classifier(out / "model")
+    assert sum(clf.solve([r.source for r in scan(pool)])) == 12  # red cats, blue dogs: an easy pool stays easy

@@ -100,3 +100,29 @@ def test_lists_parse_and_bad_settings_fail_in_one_line(tmp_path):
         result = runner.invoke(app, ["captcha", "study", "--data", str(tmp_path / "pool"), "--out",
                                      str(tmp_path / "out"), "--quick", option, value])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and "error:" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_an_adaptive_attacker_learns_from_defended_crafting_images_never_the_hidden_set(tmp_path):
+    make_pool(tmp_path / "pool", cats=50, dogs=50)  # 76 crafting images: 48 train the surrogate, 28 left
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["captcha", "study", "--data", str(tmp_path / "pool"), "--out", str(out), "--quick",
+                                 "--attackers", "shipped,bought-labels", "--attacker-pool", "24", "--headline", "none"])
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    hidden = {os.path.realpath(s) for s in split["hidden"]}
+    surrogate_share = {os.path.realpath(p) for p in (out / "craft").iterdir()}
+    # At eps 8 the attacker learns from hardened copies of crafting images the surrogates never saw.
+    taught = [json.loads(line)["source"] for line in
+              (out / "attacker-pools" / "fgsm-e8" / "manifest.jsonl").read_text().splitlines()]
+    assert len(taught) == 24
+    taught = {os.path.realpath(s) for s in taught}
+    assert taught <= {os.path.realpath(s) for s in split["craft"]}
+    assert taught.isdisjoint(hidden) and taught.isdisjoint(surrogate_share)
+    for setting in ("none", "fgsm-e8"):  # one build per setting, each from that setting's pool
+        record = json.loads((out / "attackers" / f"bought-labels--{setting}" / "attacker.json").read_text())
+        assert record["train_data"] == str((out / "attacker-pools" / setting).resolve())
+        assert record["labels_bought"] == 24
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert {(c["epsilon"], c["attacker"]) for c in cells} >= {(0, "bought-labels"), (8, "bought-labels")}
+    assert "rebuilt at every setting from 24 crafting images" in (out / "report.md").read_text()

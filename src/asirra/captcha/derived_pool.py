@@ -77,7 +77,7 @@ def derive_pool(refs: Sequence, out: str | os.PathLike, settings: dict, make: Ma
     """Run `make` on every ref not done yet and write the pool in `out` (see the module docstring)."""
     out = Path(out)
     names = output_names(refs)
-    _claim(out, settings)
+    claim_folder(out, settings)
     done = read_manifest(out)
     todo = [(ref, name) for ref, name in zip(refs, names) if not _finished(out, done.get(ref.source))]
     this_run = 0
@@ -96,7 +96,7 @@ def derive_pool(refs: Sequence, out: str | os.PathLike, settings: dict, make: Ma
     return DerivedPoolSummary(out, sum("file" in r for r in records), this_run, unusable, files)
 
 
-def _claim(out: Path, settings: dict) -> None:
+def claim_folder(out: Path, settings: dict) -> None:
     """Record `settings` in a new folder, or check that an existing one was made with the same."""
     path = out / SETTINGS
     if path.exists():

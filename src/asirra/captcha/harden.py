@@ -420,12 +420,12 @@ def harden_pool(refs: Sequence, out: str | os.PathLike, config: HardenConfig, su
 def _universal_pattern(refs: Sequence, out: Path, settings: dict, hardener: Hardener, progress: bool) -> dict:
     """Craft (or, on a resumed run, reload) the one pattern, on crafting images that are not in the pool."""
     from asirra.cache import content_key
-    from asirra.captcha.derived_pool import _claim
+    from asirra.captcha.derived_pool import claim_folder
     from asirra.data import scan
     from asirra.images import UnusableImage, load_image
 
     config = hardener.config
-    _claim(out, settings)  # refuses a folder made otherwise before any crafting time is spent
+    claim_folder(out, settings)  # refuses a folder made otherwise before any crafting time is spent
     pattern_path, info_path = out / PATTERN_FILE, out / "universal-crafting.json"
     if pattern_path.exists() and info_path.exists():
         hardener.pattern = torch.from_numpy(np.load(pattern_path))

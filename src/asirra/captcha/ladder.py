@@ -48,6 +48,8 @@ ATTACKERS: dict[str, str] = {
     "passed-challenges": "attacks with the shipped model, keeps the challenges it passed (a pass labels all 12 "
                          "images) and trains an effnet-lite2 probe on them",
 }
+# The rungs that learn from the defended pool as served (a study builds them per hardening setting).
+ADAPTIVE = ("bought-labels", "adv-trained", "passed-challenges")
 # Images each rung trains on unless told (`budget`): minutes on 2 shared cores.
 DEFAULT_BUDGET = {"seed-cnn-alt": 2000, "lite2-probe": 600, "bought-labels": 300, "adv-trained": 120,
                   "passed-challenges": 300}
@@ -130,9 +132,10 @@ def _lite2_probe(out, data, url, budget, seed, progress) -> dict:
 
 def _bought_labels(out, data, url, budget, seed, progress) -> dict:
     served, used = _served_labelled(out / "served", data, url, budget, seed, progress)
-    low, high = (budget * d / 1000 for d in FARM_DOLLARS_PER_1000)
+    bought = len(used)  # fewer than the budget when the pool is smaller
+    low, high = (bought * d / 1000 for d in FARM_DOLLARS_PER_1000)
     extra = _train_and_keep(_probe_config(served, out / "run", seed), out, used=used)
-    return {**extra, "labels_bought": budget, "label_cost_dollars": [round(low, 4), round(high, 4)]}
+    return {**extra, "labels_bought": bought, "label_cost_dollars": [round(low, 4), round(high, 4)]}
 
 
 def _adv_trained(out, data, url, budget, seed, progress) -> dict:
