@@ -42,8 +42,9 @@ def test_quick_study_reports_every_cell_with_intervals_around_the_estimates(quic
     cells = json.loads((out / "results.json").read_text())["cells"]
     config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v
                             for k, v in json.loads((out / "results.json").read_text())["config"].items()})
-    expected = {(pool_name(m, e), a, p) for m in config.methods for e in config.epsilons
-                for a in config.attackers for p in config.preprocess}
+    settings = [(m, e) for m in config.methods for e in config.epsilons] + [(b, None) for b in config.baselines]
+    assert config.baselines == ("noise",)  # the classic baseline is a row of every study that asks for it
+    expected = {(pool_name(m, e), a, p) for m, e in settings for a in config.attackers for p in config.preprocess}
     assert {(pool_name(c["method"], c["epsilon"]), c["attacker"], c["preprocess"]) for c in cells} == expected
     report = (out / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ") and "/24)" in line]
@@ -57,7 +58,9 @@ def test_quick_study_reports_every_cell_with_intervals_around_the_estimates(quic
     hardened = [c for c in cells if c["epsilon"]]
     assert hardened and all(c["ssim_median"] < 1.0 and c["linf_max"] <= c["epsilon"] for c in hardened)
     live = json.loads((out / "results.json").read_text())["live"]
-    assert len(live) == len(config.epsilons)  # one headline per setting: the strongest cell
+    assert len(live) == len(config.epsilons) + len(config.baselines)  # one headline per setting: the strongest cell
+    noisy = [c for c in cells if c["epsilon"] is None]
+    assert noisy and all(0 < c["ssim_median"] < 1.0 and c["linf_max"] > 8 for c in noisy)  # random noise, unbounded
     for attack in live:
         assert attack["answered"] + attack["refused_total"] == attack["attempted"] == config.live_challenges
         if attack["answered"]:

@@ -81,6 +81,9 @@ class StudyConfig:
     # Crafting images (outside the surrogates' training subset) an adaptive attacker may learn from,
     # hardened like the served pool at each setting; the hidden set stays hidden from it too.
     attacker_pool: int = 300
+    # The classic baseline: random distortions (asirra.captcha.distort kinds, "kind" or "kind:strength"),
+    # served and attacked like the hardened pools; not bounded in L-infinity, so they have no epsilon.
+    baselines: tuple[str, ...] = ()
     machine_cost: float = MACHINE_COST_PER_HOUR
     seed: int = 0
 
@@ -99,6 +102,8 @@ class StudyConfig:
             raise StudyError(f"epsilons must be distinct integers in 0..64 (units of 1/255), got {self.epsilons}")
         for spec in self.preprocess:
             parse_preprocess(spec)  # CounterError (a ValueError) names the bad step
+        for spec in self.baselines:
+            distortion(spec)  # DistortError (a ValueError) names the bad kind or strength
         if self.headline not in ("strongest", "all", "none"):
             raise StudyError(f"--headline must be strongest, all or none, got {self.headline!r}")
         if self.live_challenges < 1:
@@ -106,9 +111,9 @@ class StudyConfig:
 
 
 def quick_config(**overrides) -> StudyConfig:
-    """A study in a few minutes: a tiny hidden set, 2 epsilons, fgsm, one counter-move, a toy surrogate."""
+    """A study in a few minutes: a tiny hidden set, 2 epsilons, fgsm, a noise baseline, one counter-move, a toy surrogate."""
     base = StudyConfig(scored=24, craft_limit=48, methods=("fgsm",), epsilons=(0, 8), preprocess=("none", "jpeg:75"),
-                       surrogates=("seed-cnn",), surrogate_epochs=1, eot=1, live_challenges=12)
+                       surrogates=("seed-cnn",), surrogate_epochs=1, eot=1, live_challenges=12, baselines=("noise",))
     return replace(base, **overrides)
 
 
@@ -258,19 +263,41 @@ def load_attacker(name: str, folder: Path, train_data: Path, config: StudyConfig
 # ---- 3. pools, the service, the served bytes --------------------------------------------------
 
 
-def pool_name(method: str, eps: int) -> str:
+def distortion(spec: str):
+    """ "noise" or "noise:20" -> its DistortConfig (the default strength when none is given)."""
+    from asirra.captcha.distort import DistortConfig, DistortError
+
+    kind, _, strength = spec.partition(":")
+    try:
+        return DistortConfig(kind=kind, strength=float(strength) if strength else None)
+    except ValueError as exc:
+        raise DistortError(str(exc) if isinstance(exc, DistortError) else f"bad strength in {spec!r}") from None
+
+
+def pool_name(method: str, eps: int | None) -> str:
+    """The pool's folder name; a distortion baseline (eps None) is named after its kind and strength."""
+    if eps is None:
+        return "distort-" + method.replace(":", "")
     return CLEAN if eps == 0 else f"{method}-e{eps}"
+
+
+def eps_label(eps: int | None) -> str:
+    return "-" if eps is None else str(eps)
 
 
 def _harden(refs: list, folder: Path, craft_dir: Path, method: str, eps: int, surrogates, config: StudyConfig):
     """`refs` hardened into `folder` (cached on disk: harden_pool resumes) -> (refs of the pool, manifest
     records, summary); at epsilon 0, the refs themselves."""
     from asirra.captcha.derived_pool import SUMMARY, read_manifest
+    from asirra.captcha.distort import distort_pool
     from asirra.captcha.harden import UNIVERSAL, HardenConfig, harden_pool
     from asirra.data import scan
 
     if eps == 0:
         return list(refs), [], {}
+    if eps is None:  # a distortion baseline
+        distort_pool(refs, folder, replace(distortion(method), seed=config.seed), progress=True)
+        return scan(folder, labelled=True), list(read_manifest(folder).values()), {}
     # Image-agnostic methods craft their pattern on the surrogates' crafting images only.
     options = {"crafting": str(craft_dir)} if method in UNIVERSAL else {}
     hconfig = HardenConfig(method=method, epsilon=eps / 255, surrogates=tuple(s.name for s in surrogates),
@@ -446,6 +473,7 @@ def run_study(data: str | os.PathLike, out: str | os.PathLike, config: StudyConf
 
     settings = [(CLEAN, 0)] if 0 in config.epsilons else []
     settings += [(m, e) for m in config.methods for e in config.epsilons if e]
+    settings += [(spec, None) for spec in config.baselines]
     cells, live, unbuilt = [], [], []
     for method, eps in tqdm(settings, desc="study", unit="setting", file=sys.stderr):
         name = pool_name(method, eps)
@@ -507,10 +535,10 @@ def goal_check(cells: list[dict], live: list[dict]) -> dict:
                      "preprocess": cell["preprocess"], "pass_rate": rate, "pass_low": low, "pass_high": high,
                      "source": source, "ssim_median": cell["ssim_median"],
                      # Unhardened originals are the baseline, never a setting that meets the goal.
-                     "meets": cell["epsilon"] > 0 and rate <= GOAL_PASS_RATE and cell["ssim_median"] >= GOAL_SSIM})
+                     "meets": cell["epsilon"] != 0 and rate <= GOAL_PASS_RATE and cell["ssim_median"] >= GOAL_SSIM})
     met = [r for r in rows if r["meets"]]
     # How close: the lowest pass rate among settings people can still see (SSIM ok), else overall.
-    hardened = [r for r in rows if r["epsilon"] > 0]
+    hardened = [r for r in rows if r["epsilon"] != 0]
     seeable = [r for r in hardened if r["ssim_median"] >= GOAL_SSIM] or hardened
     closest = min(seeable, key=lambda r: r["pass_rate"]) if seeable else None
     return {"pass_rate_at_most": GOAL_PASS_RATE, "ssim_median_at_least": GOAL_SSIM, "met": bool(met),
@@ -518,6 +546,12 @@ def goal_check(cells: list[dict], live: list[dict]) -> dict:
 
 
 # ---- outputs ------------------------------------------------------------------------------
+
+
+def _setting(row: dict) -> str:
+    if row["epsilon"] is None:
+        return f"distortion {row['method']}"
+    return f"{row['method']} eps {row['epsilon']}/255"
 
 
 def _pct(x: float | None) -> str:
@@ -561,7 +595,9 @@ def report_markdown(result: StudyResult, config: StudyConfig, hidden: list, craf
         f"+/-{half[0.5]:.1%} at 50%, +/-{half[0.9]:.1%} at 90%, +/-{half[0.99]:.1%} at 99%.",
         f"Split rule (split.json): {SPLIT_RULE}; seed {config.seed}.",
         f"Surrogates (the defender's; trained on crafting images): {', '.join(config.surrogates)}. "
-        f"Attackers: {', '.join(config.attackers)}. Counter-moves: {', '.join(config.preprocess)}.",
+        f"Attackers: {', '.join(config.attackers)}. Counter-moves: {', '.join(config.preprocess)}."
+        + (f" Distortion baselines (random, not bounded in L-inf; eps shown as -): {', '.join(config.baselines)}."
+           if config.baselines else ""),
         "Every figure is on the JPEG bytes the live service served over HTTP (its crop, resize and re-encoding).",
         "",
         "## Goal: strongest attacker <= 10% of challenges passed, median SSIM >= 0.90", "",
@@ -569,12 +605,12 @@ def report_markdown(result: StudyResult, config: StudyConfig, hidden: list, craf
     goal = result.goal
     if goal["met"]:
         winners = [r for r in goal["settings"] if r["meets"]]
-        lines.append("**Met** by: " + "; ".join(f"{r['method']} eps {r['epsilon']}/255 ({_pct(r['pass_rate'])} "
+        lines.append("**Met** by: " + "; ".join(f"{_setting(r)} ({_pct(r['pass_rate'])} "
                                                  f"{r['source']}, SSIM {r['ssim_median']:.3f})" for r in winners))
     else:
         closest = goal["closest"]
         lines.append("**Not met** by any setting studied." + (
-            f" Closest with median SSIM >= {GOAL_SSIM}: {closest['method']} eps {closest['epsilon']}/255, "
+            f" Closest with median SSIM >= {GOAL_SSIM}: {_setting(closest)}, "
             f"{closest['attacker']} + {closest['preprocess']} passes {_pct(closest['pass_rate'])} "
             f"[{_pct(closest['pass_low'])}, {_pct(closest['pass_high'])}] ({closest['source']}), SSIM "
             f"{closest['ssim_median']:.3f}." if closest else ""))
@@ -586,11 +622,11 @@ def report_markdown(result: StudyResult, config: StudyConfig, hidden: list, craf
                      "rendered with the service's crop, resize and JPEG re-encoding." if adaptive else
                      "No adaptive attacker (one that learns from labelled hardened images) is in this run."))
     for r in result.unbuilt:
-        lines.append(f"- not built: {r['attacker']} at {r['method']} eps {r['epsilon']}/255: {r['reason']}")
+        lines.append(f"- not built: {r['attacker']} at {_setting(r)}: {r['reason']}")
     lines += ["", "| method | eps/255 | strongest attacker | counter-move | pass rate [95% CI] | from | median SSIM | goal |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in goal["settings"]:
-        lines.append(f"| {r['method']} | {r['epsilon']} | {r['attacker']} | {r['preprocess']} | {_pct(r['pass_rate'])} "
+        lines.append(f"| {r['method']} | {eps_label(r['epsilon'])} | {r['attacker']} | {r['preprocess']} | {_pct(r['pass_rate'])} "
                      f"[{_pct(r['pass_low'])}, {_pct(r['pass_high'])}] | {r['source']} | {r['ssim_median']:.3f} | "
                      f"{'met' if r['meets'] else 'no'} |")
     lines += ["", "## Every cell (served bytes; p^12 assumes independent mistakes)", "",
@@ -599,7 +635,7 @@ def report_markdown(result: StudyResult, config: StudyConfig, hidden: list, craf
     for c in result.cells:
         psnr = "inf" if c["psnr_median"] is None else f"{c['psnr_median']:.1f} dB"
         mark = " **(strongest)**" if c["strongest"] else ""
-        lines.append(f"| {c['method']} | {c['epsilon']} | {c['attacker']} | {c['preprocess']}{mark} | {_ci(c, 'accuracy')} "
+        lines.append(f"| {c['method']} | {eps_label(c['epsilon'])} | {c['attacker']} | {c['preprocess']}{mark} | {_ci(c, 'accuracy')} "
                      f"({c['correct']}/{c['n']}) | {_ci(c, 'p12')} | {c['ssim_median']:.3f} / {c['ssim_p10']:.3f} | {psnr} | "
                      f"{c['seconds_per_image']:.2f} |")
     lines += ["", f"## Live attacks ({config.live_challenges} challenges each, the service's default rate limits)", "",
@@ -612,7 +648,7 @@ def report_markdown(result: StudyResult, config: StudyConfig, hidden: list, craf
         ci = r["solve_rate_ci"] or [None, None]
         cost = "n/a (no pass)" if r["cost_per_thousand"] is None else f"{r['cost_per_thousand']:.3f}"
         per_hour = "0" if not r["passes_per_hour"] else f"{r['passes_per_hour']:,.0f}"
-        lines.append(f"| {r['method']} | {r['epsilon']} | {r['attacker']} | {r['preprocess']} | {r['answered']} | "
+        lines.append(f"| {r['method']} | {eps_label(r['epsilon'])} | {r['attacker']} | {r['preprocess']} | {r['answered']} | "
                      f"{r['passed']} | {_pct(r['solve_rate'])} [{_pct(ci[0])}, {_pct(ci[1])}] | {r['refused_total']} | "
                      f"{r['waited_seconds']:.0f} | {per_hour} | {cost} |")
     lines += ["", "## Time (seconds per run, from timings.jsonl; cached stages cost ~0 on a rerun)", ""]
@@ -638,7 +674,8 @@ def write_plots(result: StudyResult, out: Path) -> dict:
     from asirra.plots import save_figure
 
     cells = result.cells
-    methods = sorted({c["method"] for c in cells if c["method"] != CLEAN}) or [CLEAN]
+    # Distortion baselines have no epsilon axis: they are in the report's tables, not on these curves.
+    methods = sorted({c["method"] for c in cells if c["method"] != CLEAN and c["epsilon"] is not None}) or [CLEAN]
     series = sorted({(c["attacker"], c["preprocess"]) for c in cells})
 
     def line(method, attacker, spec, key):
