@@ -128,3 +128,15 @@ def test_confusion_matrix_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="3x3"):
         plots.plot_confusion_matrix(np.zeros((2, 2)), tmp_path / "bad.png", CLASSES)
+
+
+def test_the_binary_helpers_have_their_home_here():
+    assert evaluate.log_loss is metrics.log_loss
+    y = np.array([0, 1, 0, 1])
+    p_dog = np.array([0.6, 0.55, 0.9, 0.2])
+    # At 0.5 images 0, 2 (cats called dog) and 3 (a dog called cat) are wrong, most confident first.
+    assert evaluate.worst_mistakes(y, p_dog).tolist() == [2, 3, 0] == metrics.mistake_order(y, p_dog).tolist()
+    # At 0.7 image 0 becomes a cat (right) and image 1 a cat (wrong, at P(cat) = 0.45).
+    assert evaluate.worst_mistakes(y, p_dog, threshold=0.7).tolist() == [2, 3, 1]
+    with pytest.raises(InvalidPredictions, match="3 calls for 4 images"):
+        metrics.mistake_order(y, p_dog, predicted=[0, 1, 0])

@@ -2,7 +2,8 @@
 
 Every P(dog) in the package is `apply_temperature(logit, T)` with the T fitted here on held-out
 logits, and every cat/dog call is `predicted_labels(p)`: training, evaluation, prediction,
-submissions and the CAPTCHA solver all decide the same way.
+submissions and the CAPTCHA solver all decide the same way. For N classes, `probabilities` and
+`predicted_index` are the same two steps (softmax(z / T), argmax), and reduce to them for two.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
-from asirra import CAT, CLASS_NAMES, DOG
+from asirra import CAT, DOG
 
 THRESHOLD = 0.5  # P(dog) at or above it is a dog; a tie counts as dog
 
@@ -59,17 +60,6 @@ def check_labels(y_true) -> np.ndarray:
 def predicted_labels(p_dog, threshold: float = THRESHOLD) -> np.ndarray:
     """DOG where P(dog) >= threshold, else CAT (a tie at the threshold counts as dog)."""
     return np.where(np.asarray(p_dog) >= threshold, DOG, CAT)
-
-
-def is_cat(p_dog) -> list[bool]:
-    """The CAPTCHA's question, per image: is it a cat?"""
-    return [bool(label == CAT) for label in predicted_labels(p_dog)]
-
-
-def describe(p_dog: float) -> str:
-    """'dog 0.97': the predicted class and the probability of that class."""
-    label = int(predicted_labels(p_dog))
-    return f"{CLASS_NAMES[label]} {p_dog if label == DOG else 1 - p_dog:.2f}"
 
 
 # ---- temperature scaling ------------------------------------------------------------------
@@ -137,6 +127,13 @@ def probabilities(logits, temperature: float = 1.0) -> np.ndarray:
     if z.ndim != 2:
         raise InvalidPredictions(f"logits must be 1-D or (n, N), got shape {z.shape}")
     return softmax(z / temperature, axis=1)
+
+
+def describe_row(proba_row, classes) -> str:
+    """'dog 0.97', '7 0.93': the predicted class of one row of N probabilities, and that class's probability."""
+    row = np.asarray(proba_row, dtype=np.float64).reshape(1, -1)
+    index = int(predicted_index(row)[0])
+    return f"{classes[index]} {row[0, index]:.2f}"
 
 
 def predicted_index(proba) -> np.ndarray:

@@ -67,9 +67,10 @@ def data_check(
         root = data.resolve_data_root(path)
         layout = data.detect_layout(root)
         refs = data.scan_all(root)
+        classes = data.class_names(root) or data.CLASS_NAMES  # unlabelled: counted as before, cat 0, dog 0
     except data.DataError as exc:
         fail(str(exc))
-    report = data.check(refs, workers=workers)
+    report = data.check(refs, workers=workers, classes=classes)
     if as_json:
         emit_json({"path": str(root), "layout": layout, **report.to_json()})
     else:
@@ -87,7 +88,9 @@ def data_show(
     from asirra import data
 
     try:
-        written = data.show_grid(data.scan(data.resolve_data_root(path)), out, n=n, seed=seed)
+        root = data.resolve_data_root(path)
+        classes = data.class_names(root) or data.CLASS_NAMES
+        written = data.show_grid(data.scan(root), out, n=n, seed=seed, classes=classes)
     except data.DataError as exc:
         fail(str(exc))
     typer.echo(str(written))
@@ -144,7 +147,8 @@ def train_command(
     config_file: Optional[Path] = typer.Option(
         None, "--config", help="A training config JSON (a run's config.json, `asirra tune`'s best_config.json); "
                                "options given on the command line override it.", show_default=False),
-    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images (default: the --data lookup, its train/)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images: cat/dog, or one folder per class with any "
+                                                             "names (default: the --data lookup, its train/)."),
     out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: config, metrics, plots, checkpoints, model."),
     model: str = typer.Option(train_default("model"), "--model", help="seed-cnn (from scratch), effnet-lite0 or effnet-lite2 (ImageNet-pretrained)."),
     image_size: Optional[int] = typer.Option(train_default("image_size"), "--image-size", min=16,
@@ -330,7 +334,8 @@ def tune_command(
                                             help="Seconds this process may run; a running trial stops after its "
                                                  "current epoch (recorded as pruned, noted as a timeout)."),
     out: Path = typer.Option(Path("runs/tune"), "--out", help="trials/, trials.csv, best_config.json, plots, tune.json."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images (default: the --data lookup, its train/)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images: cat/dog, or one folder per class with any "
+                                                             "names (default: the --data lookup, its train/)."),
     limit: int = typer.Option(_tune_defaults.DEFAULT_LIMIT, "--limit", min=0,
                               help="Images in the tuning subset (0: all); the rest is where held-out images come from."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, show_default=False,
@@ -368,16 +373,22 @@ def evaluate_command(
     explain: bool = typer.Option(True, "--explain/--no-explain",
                                  help="Draw each mistake in mistakes.png under its Grad-CAM map (a backward pass for <= 24 images)."),
 ) -> None:
-    """Accuracy, log loss, AUC, confusion, and the share of 12-image challenges solved; plots in OUT."""
-    from asirra.data import DataError, labelled_split_dirs, resolve_data_root, scan
+    """Accuracy, log loss, AUC, confusion, and the share of 12-image challenges solved; plots in OUT.
+
+    A model of other classes than cat/dog: top-1/top-k accuracy, macro-F1, per-class scores, N x N confusion."""
+    from asirra.data import DataError, class_names, labelled_split_dirs, resolve_data_root, scan
     from asirra.evaluate import evaluate_model
+    from asirra.predict import align_labels
     from asirra.splits import evaluation_sample
 
     try:
         root = resolve_data_root(path)
-        refs = scan(labelled_split_dirs(root)[0] or root, labelled=True)
+        labelled = labelled_split_dirs(root)[0] or root
+        refs = scan(labelled, labelled=True)
         refs = evaluation_sample(refs, Path(split) / "split.json" if split is not None else None, limit, seed)
-        evaluation = evaluate_model(_classifier(model, backend, tta), refs, out, n_challenges=challenges, seed=seed,
+        clf = _classifier(model, backend, tta)
+        refs = align_labels(refs, class_names(labelled), clf.classes)  # the data's class order -> the model's
+        evaluation = evaluate_model(clf, refs, out, n_challenges=challenges, seed=seed,
                                     info={"data": str(root)}, explain=explain)
     except (DataError, ValueError) as exc:
         fail(str(exc))
@@ -387,6 +398,13 @@ def evaluate_command(
         emit_json(report.to_json())
         return
     r = report.to_json()
+    if "top_k_accuracy" in r:  # not the cat/dog model
+        top = "  ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in r["top_k_accuracy"].items())
+        typer.echo(f"{r['n']} images, {len(r['classes'])} classes  {top}  macro-F1 {r['macro_f1']:.4f}  "
+                   f"log loss {r['log_loss']:.4f}  ECE {r['ece']:.4f}")
+        for name, file in files.items():
+            typer.echo(f"{name}: {file}")
+        return
     auc = "n/a (one class)" if r["auc"] is None else f"{r['auc']:.4f}"
     typer.echo(f"{r['n']} images  accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  AUC {auc}")
     if r.get("challenge_solve_rate") is not None:
@@ -414,24 +432,26 @@ def predict_command(
     path: Path = typer.Argument(..., help="An image, or a folder / .zip of images (e.g. test1/)."),
     model: ModelOption = None,
     backend: BackendOption = DEFAULT_BACKEND,
-    out: Optional[Path] = typer.Option(None, "--out", help="Submission CSV to write (id,label; 1 = dog)."),
-    proba: bool = typer.Option(False, "--proba", help="Write clipped P(dog) instead of 0/1 (log-loss leaderboard)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="CSV to write: id,label (the cat/dog model: Kaggle's, 1 = dog; "
+                                                          "other models: the class name)."),
+    proba: bool = typer.Option(False, "--proba", help="Cat/dog: write clipped P(dog) instead of 0/1 (log-loss leaderboard); "
+                                                      "other models: add one p_<class> column per class."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first predictions."),
     tta: TtaOption = None,
 ) -> None:
-    """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission)."""
-    from asirra.calibration import describe
+    """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission, or id,label for other classes)."""
+    from asirra.calibration import describe_row
     from asirra.data import DataError, scan
     from asirra.images import UnusableImage
-    from asirra.predict import plot_predictions, write_submission
+    from asirra.predict import plot_predictions, write_predictions
 
     if path.is_file() and path.suffix.lower() != ".zip":
         clf = _classifier(model, backend, tta)
         try:
-            p = float(clf.predict_proba([path])[0])
+            row = clf.predict_classes_proba([path])[0]
         except UnusableImage as exc:
             fail(f"{path}: {exc.reason}")
-        typer.echo(describe(p))
+        typer.echo(describe_row(row, clf.classes))
         return
     try:
         refs = scan(path, labelled=False)
@@ -440,7 +460,7 @@ def predict_command(
     clf = _classifier(model, backend, tta)
     preds = _predict_reporting_skips(clf, refs)
     out = out or Path("submission.csv")
-    write_submission([r.id for r in preds.refs], preds.p_dog, out, proba=proba)
+    write_predictions(preds, out, proba=proba)
     typer.echo(f"{len(preds.refs)} predictions -> {out}" + (f" ({len(preds.unusable)} unreadable skipped)" if preds.unusable else ""))
     if grid is not None:
         typer.echo(f"grid: {plot_predictions(preds, grid)}")
@@ -452,6 +472,8 @@ def explain_command(
     model: ModelOption = None,
     out: Path = typer.Option(Path("runs/explain"), "--out", help="Folder for one overlay PNG per image, grid.png, explain.json."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Explain a random sample of this many images."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class's evidence in every image "
+                                                                   "(default: each image's predicted class).", show_default=False),
     seed: SeedOption = 0,
     as_json: JsonFlag = False,
 ) -> None:
@@ -459,9 +481,9 @@ def explain_command(
     from asirra.explain import collect_refs, explain_refs, summary_lines
 
     try:
-        refs = collect_refs(images, limit=limit, seed=seed)
         clf = _classifier(model, "torch")  # Grad-CAM needs the PyTorch module's gradients
-        report = explain_refs(clf.model, clf.config, refs, out)
+        refs = collect_refs(images, limit=limit, seed=seed, classes=clf.classes)
+        report = explain_refs(clf.model, clf.config, refs, out, target_class=class_name)
     except ValueError as exc:
         fail(str(exc))
     for item in report.skipped:
@@ -554,6 +576,9 @@ def _score_captcha_pool(data: Path, model: Optional[str], backend: str, limit: O
     try:
         refs = sample_pool(scan(data, labelled=True), limit, np.random.default_rng(seed))
         classifier = load_classifier(model, backend=backend)
+        if not classifier.is_cat_dog:  # the simulation scores P(dog) of a cat/dog pool
+            raise ValueError(f"the CAPTCHA simulation needs a cat/dog model; {classifier.name} has classes "
+                             f"{', '.join(classifier.classes)}")
     except ValueError as exc:
         fail(str(exc))
     return classifier, _predict_reporting_skips(classifier, refs)
@@ -758,6 +783,10 @@ def captcha_study(
                                              "trained on the crafting images)."),
     headline: Optional[str] = typer.Option(None, "--headline", help="Live attacks: strongest (default), all or none."),
     live_challenges: Optional[int] = typer.Option(None, "--live-challenges", help="Challenges per live attack (default 60)."),
+    attacker_pool: Optional[int] = typer.Option(None, "--attacker-pool", min=12,
+                                                help="Crafting images adaptive attackers learn from, hardened per setting (default 300)."),
+    baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma-separated distortion baselines served and attacked "
+                                            "the same way: noise, blur, warp, contrast, clutter, or KIND:STRENGTH (default none; --quick noise)."),
     seed: SeedOption = 0,
 ) -> None:
     """The hardening study: methods x epsilon x attackers x counter-moves on served bytes, with live attacks."""
@@ -768,7 +797,7 @@ def captcha_study(
     try:
         config = quick_config(seed=seed) if quick else StudyConfig(seed=seed)
         given = {"scored": scored, "craft_limit": craft_limit, "headline": headline, "live_challenges": live_challenges,
-                 "methods": parse_list(methods) if methods else None,
+                 "attacker_pool": attacker_pool, "baselines": parse_list(baselines) if baselines else None, "methods": parse_list(methods) if methods else None,
                  "epsilons": parse_epsilons(epsilons) if epsilons else None,
                  "attackers": parse_list(attackers) if attackers else None,
                  "preprocess": parse_moves(preprocess) if preprocess else None,
@@ -856,20 +885,21 @@ def attack_command(
     preprocess: str = typer.Option("none", "--preprocess",
                                    help="Counter-moves applied to each served image before classifying, in order: "
                                         "jpeg:QUALITY, median:SIZE, blur:SIGMA, resize:FACTOR, e.g. jpeg:75,median:3."),
+    target: str = typer.Option("cat", "--target", help="The class the challenge asks to select (one of the model's classes)."),
     as_json: JsonFlag = False,
 ) -> None:
     """Solve a running service's challenges over HTTP with the classifier, as a bot would.
 
     Refused challenges (rate limits, errors) are reported apart: the solve rate is passes / answered.
     """
-    from asirra.captcha.attack import attack, check_settings
+    from asirra.captcha.attack import aim, attack, check_settings
     from asirra.captcha.counter import parse_preprocess
     from asirra.predict import load_classifier
 
     try:
         check_settings(url, challenges, concurrency, max_wait)
         pipeline = parse_preprocess(preprocess)
-        classifier = load_classifier(model, backend=backend)
+        classifier = aim(load_classifier(model, backend=backend), target)  # refuses a class the model lacks
         report = attack(url, challenges, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
                         preprocess=pipeline, progress=True)
     except ValueError as exc:

@@ -5,7 +5,8 @@ killed cross-validation continues at the fold and epoch where it stopped and fin
 skipped. Beside them DIR holds:
 
 - folds.json: which images (content keys) validate in each fold, and how the groups were made;
-- oof.csv: every image's out-of-fold P(dog), predicted by the one fold that did not train on it;
+- oof.csv: every image's out-of-fold P(dog) (or, for N classes, its p_<class> columns), predicted by
+  the one fold that did not train on it;
 - suspects.csv / suspects.png: the most confident disagreements between OOF predictions and labels
   (label noise, placeholders, photos of both animals), for a person to look at;
 - cv.json / cv.png: per-fold metrics, mean, std and 95% intervals.
@@ -136,7 +137,7 @@ def make_folds(labels, groups, k: int, seed: int) -> list[np.ndarray]:
     labels = np.asarray(labels)
     smallest = int(np.bincount(labels, minlength=2).min())
     if not 2 <= k <= smallest:
-        raise ValueError(f"--folds must be between 2 and {smallest} (the smaller class's size), got {k}")
+        raise ValueError(f"--folds must be between 2 and {smallest} (the smallest class's size), got {k}")
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [np.sort(val) for _, val in splitter.split(np.zeros(len(labels)), labels, groups)]
 
@@ -239,11 +240,14 @@ def cross_validate(config: TrainConfig, folds: int = 5, train_fraction: float = 
     `shared_folds` (an ablation's) replaces drawing folds here, so several configs are scored on
     exactly the same validation images.
     """
-    from asirra.train import load_pixels
+    from asirra.splits import check_class_counts
+    from asirra.train import dataset_classes, load_pixels
 
     out = Path(config.out)
     _check_settings(out, config, folds, train_fraction, threshold, drop_from_training)
+    classes = dataset_classes(config)
     cached = load_pixels(config, out)
+    check_class_counts(cached.labels, classes, 2, "for stratified folds")  # make_folds then checks --folds
     if shared_folds is not None:
         shared_folds.save(out / FOLDS_FILE)
     plan = shared_folds or _folds_for(out, cached, folds, config, threshold)
@@ -251,7 +255,7 @@ def cross_validate(config: TrainConfig, folds: int = 5, train_fraction: float = 
     per_fold = []
     for f, val_idx in enumerate(fold_val):
         train_idx = training_positions(cached, val_idx, train_fraction, config.seed + f, drop_from_training)
-        per_fold.append(_run_fold(cached, train_idx, val_idx, config, out, f, len(fold_val)))
+        per_fold.append(_run_fold(cached, train_idx, val_idx, config, out, f, len(fold_val), classes))
     oof = write_oof(out, len(fold_val))
     if len(oof["key"]) != len(cached) or set(oof["key"]) != set(cached.keys):
         raise RuntimeError(f"out-of-fold predictions cover {len(set(oof['key']))} of {len(cached)} images")
@@ -312,7 +316,7 @@ def fold_done(run: Path) -> bool:
     return (run / "metrics.json").exists() and (run / "val_predictions.csv").exists() and (run / "timings.json").exists()
 
 
-def _run_fold(cached, train_idx, val_idx, config: TrainConfig, out: Path, f: int, k: int) -> dict:
+def _run_fold(cached, train_idx, val_idx, config: TrainConfig, out: Path, f: int, k: int, classes=None) -> dict:
     from asirra.splits import save_split
     from asirra.train import prepare_run, train_on
 
@@ -327,10 +331,10 @@ def _run_fold(cached, train_idx, val_idx, config: TrainConfig, out: Path, f: int
         fold_config = replace(config, out=str(run))
         prepare_run(fold_config, resume)
         save_split(run, cached, train_idx, val_idx)
-        metrics = train_on(cached, train_idx, val_idx, fold_config, run, resume=resume)
+        metrics = train_on(cached, train_idx, val_idx, fold_config, run, resume=resume, classes=classes)
     val = metrics["val"]
     return {"fold": f + 1, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "accuracy": val["accuracy"],
-            "log_loss": val["log_loss"], "auc": val["auc"], "temperature": metrics["temperature"],
+            "log_loss": val["log_loss"], "auc": val.get("auc"), "temperature": metrics["temperature"],
             **_epochs(run / "metrics.csv")}
 
 
@@ -343,38 +347,66 @@ def _epochs(metrics_csv: Path) -> dict:
 
 
 def write_oof(out: Path, k: int) -> dict[str, list]:
-    """oof.csv: each fold's val_predictions.csv with its fold number; returns its columns."""
-    rows = []
+    """oof.csv: each fold's val_predictions.csv with its fold number; returns its columns.
+
+    A cat/dog run has `p_dog` (1-D); an N-class run its `p_<class>` columns, returned as "proba"
+    (n, N) with the class names as "classes".
+    """
+    rows, columns = [], None
     for f in range(k):
         with open(out / f"fold-{f + 1}" / "val_predictions.csv", newline="") as fh:
-            rows += [{**row, "fold": f + 1} for row in csv.DictReader(fh)]
+            reader = csv.DictReader(fh)
+            rows += [{**row, "fold": f + 1} for row in reader]
+            columns = [c for c in reader.fieldnames if c.startswith("p_")]
     with atomic_path(out / "oof.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["key", "name", "label", "p_dog", "fold"])
+        writer = csv.DictWriter(fh, fieldnames=["key", "name", "label", *columns, "fold"])
         writer.writeheader()
         writer.writerows(rows)
-    return {"key": [r["key"] for r in rows], "name": [r["name"] for r in rows],
-            "label": np.array([int(r["label"]) for r in rows]), "p_dog": np.array([float(r["p_dog"]) for r in rows]),
-            "fold": np.array([r["fold"] for r in rows])}
+    oof = {"key": [r["key"] for r in rows], "name": [r["name"] for r in rows],
+           "label": np.array([int(r["label"]) for r in rows]), "fold": np.array([r["fold"] for r in rows])}
+    if columns == ["p_dog"]:
+        oof["p_dog"] = np.array([float(r["p_dog"]) for r in rows])
+    else:
+        oof["proba"] = np.array([[float(r[c]) for c in columns] for r in rows]).reshape(len(rows), len(columns))
+        oof["classes"] = [c[2:] for c in columns]
+    return oof
 
 
 def write_suspects(out: Path, oof: dict, cached, n: int) -> list[dict]:
     """suspects.csv and suspects.png: OOF predictions that most confidently contradict their labels."""
-    from asirra import CLASS_NAMES
-    from asirra.evaluate import worst_mistakes
     from asirra.plots import plot_image_grid
 
-    order = worst_mistakes(oof["label"], oof["p_dog"], k=n) if n else np.zeros(0, int)
-    suspects = [{"rank": r + 1, "name": oof["name"][i], "key": oof["key"][i], "label": CLASS_NAMES[oof["label"][i]],
-                 "p_dog": float(oof["p_dog"][i]), "fold": int(oof["fold"][i])} for r, i in enumerate(order)]
+    suspects = _binary_suspects(oof, n) if "p_dog" in oof else _multiclass_suspects(oof, n)
     with atomic_path(out / "suspects.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["rank", "name", "key", "label", "p_dog", "fold"])
+        writer = csv.DictWriter(fh, fieldnames=list(suspects[0]) if suspects else ["rank", "name", "key", "label", "fold"])
         writer.writeheader()
         writer.writerows(suspects)
     ref_of = dict(zip(cached.keys, cached.refs))
-    plot_image_grid([_thumbnail(ref_of[s["key"]]) for s in suspects],
-                    [f"{s['name']} ({s['label']})\nP(dog)={s['p_dog']:.3f}" for s in suspects], out / "suspects.png",
+    captions = [f"{s['name']} ({s['label']})\n" + (f"P(dog)={s['p_dog']:.3f}" if "p_dog" in s else
+                                                     f"called {s['predicted']} {s['p_predicted']:.3f}") for s in suspects]
+    plot_image_grid([_thumbnail(ref_of[s["key"]]) for s in suspects], captions, out / "suspects.png",
                     title="out-of-fold predictions most confidently contradicting the label")
     return suspects
+
+
+def _binary_suspects(oof: dict, n: int) -> list[dict]:
+    from asirra import CLASS_NAMES
+    from asirra.evaluate import worst_mistakes
+
+    order = worst_mistakes(oof["label"], oof["p_dog"], k=n) if n else np.zeros(0, int)
+    return [{"rank": r + 1, "name": oof["name"][i], "key": oof["key"][i], "label": CLASS_NAMES[oof["label"][i]],
+             "p_dog": float(oof["p_dog"][i]), "fold": int(oof["fold"][i])} for r, i in enumerate(order)]
+
+
+def _multiclass_suspects(oof: dict, n: int) -> list[dict]:
+    from asirra.metrics import mistake_order, predictions
+
+    classes, proba = oof["classes"], oof["proba"]
+    order = mistake_order(oof["label"], proba, k=n) if n else np.zeros(0, int)
+    called = predictions(proba)
+    return [{"rank": r + 1, "name": oof["name"][i], "key": oof["key"][i], "label": classes[oof["label"][i]],
+             "predicted": classes[called[i]], "p_predicted": float(proba[i, called[i]]), "fold": int(oof["fold"][i])}
+            for r, i in enumerate(order)]
 
 
 def _thumbnail(ref, side: int = 256) -> np.ndarray:
@@ -386,14 +418,21 @@ def _thumbnail(ref, side: int = 256) -> np.ndarray:
 
 
 def summarize(per_fold: list[dict], oof: dict) -> dict:
-    from asirra.evaluate import classification_metrics
-
     ratio = float(np.mean([f["n_val"] / f["n_train"] for f in per_fold]))
-    pooled = classification_metrics(oof["label"], oof["p_dog"])
+    if "p_dog" in oof:
+        from asirra.evaluate import classification_metrics
+
+        pooled = classification_metrics(oof["label"], oof["p_dog"])
+    else:
+        from asirra.metrics import multiclass_metrics
+
+        pooled = {**multiclass_metrics(oof["label"], oof["proba"], oof["classes"]), "auc": None}
+    # AUC is a two-class figure: N-class folds have none.
+    metrics = ("accuracy", "log_loss", "auc") if all(f.get("auc") is not None for f in per_fold) else ("accuracy", "log_loss")
     return {
         "per_fold": per_fold,
         # The plain t-interval over folds, as usually reported, and the corrected one (t_interval).
-        "summary": {m: t_interval([f[m] for f in per_fold]) for m in ("accuracy", "log_loss", "auc")},
+        "summary": {m: t_interval([f[m] for f in per_fold]) for m in metrics},
         "summary_corrected": {m: t_interval([f[m] for f in per_fold], ratio) for m in ("accuracy", "log_loss")},
         "oof": {k: pooled[k] for k in ("n", "accuracy", "log_loss", "auc")},
     }

@@ -7,9 +7,16 @@ in place: a zip member is addressed as "<archive.zip>::<member name>".
 Layouts, as `detect_layout` names them (each may also sit inside a .zip, then prefixed "zip:"):
   kaggle-flat    cat.N.jpg / dog.N.jpg in one folder
   unlabelled     any other image files (e.g. Kaggle's test1/N.jpg)
-  class-folders  Cat/, Dog/, cats/, dogs/ (any case) holding the images
+  class-folders  Cat/, Dog/, cats/, dogs/ (any case) holding the images; or, for any other task, one
+                 folder per class with any names (0/ ... 9/, airplane/ ship/ ...), as Keras's
+                 image_dataset_from_directory and fastai's from_folder read them
   petimages      Microsoft's PetImages/Cat, PetImages/Dog (non-image files such as Thumbs.db ignored)
   kaggle-root    train/ (labelled) beside test1/ (unlabelled)
+
+Labels are indices into `class_names(path)`: ("cat", "dog") for every cat/dog layout (CAT = 0,
+DOG = 1), else the class folders' names sorted as spelled on disk (Keras's order). Class folders
+may sit inside wrapper folders (digits.zip holding digits/0/...); images may nest below a class
+folder, which names them all.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ import sys
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from PIL import Image
 from tqdm import tqdm
@@ -58,12 +65,16 @@ class ImageRef:
     """One image of a data set: where its bytes are, its label, its Kaggle id."""
 
     source: str  # a filesystem path, or "<archive.zip>::<member name>"
-    label: int | None  # CAT, DOG, or None when unlabelled
+    label: int | None  # index into the data set's class_names (CAT, DOG for cat/dog), or None when unlabelled
     id: str
+    # The path below the class root for any-name class folders ("airplane/x.png"); not part of identity.
+    display: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         """Short display name: the file name, with its class folder (and PetImages/) when it has one."""
+        if self.display is not None:
+            return self.display
         archive, member = _split_source(self.source)
         parts = PurePosixPath(member).parts if archive else Path(member).parts
         keep = 1
@@ -108,8 +119,22 @@ def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
 
 def detect_layout(path: str | os.PathLike) -> str:
     """The layout name (see the module docstring), "zip:"-prefixed for an archive."""
-    archive, _, layout = _survey(Path(path))
-    return ("zip:" if archive else "") + layout
+    survey = _survey(Path(path))
+    return ("zip:" if survey.archive else "") + survey.layout
+
+
+def class_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """The data set's classes in label order: ImageRef.label indexes this tuple.
+
+    ("cat", "dog") for the cat/dog layouts (kaggle-flat, petimages, kaggle-root, Cat/ and Dog/
+    folders in any of their spellings); the sorted folder names for any other class folders;
+    () for unlabelled images. An empty class folder is a DataError.
+    """
+    survey = _survey(Path(path))
+    _refuse_empty_classes(Path(path), survey)
+    if survey.classes is not None:
+        return survey.classes
+    return () if survey.layout == "unlabelled" else CLASS_NAMES
 
 
 def scan(path: str | os.PathLike, labelled: bool | None = None) -> list[ImageRef]:
@@ -120,30 +145,41 @@ def scan(path: str | os.PathLike, labelled: bool | None = None) -> list[ImageRef
     train/ part and False its test1/ part.
     """
     path = Path(path)
-    return _select(path, *_survey(path), labelled=labelled)
+    return _select(path, _survey(path), labelled=labelled)
 
 
 def scan_all(path: str | os.PathLike) -> list[ImageRef]:
     """Like scan(path), but a Kaggle root gives both parts: its train/ and its test1/ images."""
     path = Path(path)
     survey = _survey(path)
-    if survey[2] == "kaggle-root":
-        return _select(path, *survey, labelled=None) + _select(path, *survey, labelled=False)
-    return _select(path, *survey, labelled=None)
+    if survey.layout == "kaggle-root":
+        return _select(path, survey, labelled=None) + _select(path, survey, labelled=False)
+    return _select(path, survey, labelled=None)
 
 
-def _select(path: Path, archive: str | None, names: list[str], layout: str, labelled: bool | None) -> list[ImageRef]:
+def _select(path: Path, survey: "_Survey", labelled: bool | None) -> list[ImageRef]:
     """scan's choice of images and labels, on an existing listing."""
-    if layout == "kaggle-root":
+    names = survey.names
+    if survey.layout == "kaggle-root":
         names = [n for n in names if _folder(n) in (TEST_FOLDERS if labelled is False else TRAIN_FOLDERS)]
-    refs = [_make_ref(path, archive, name, keep_label=labelled is not False) for name in names]
+    if labelled is not False:
+        _refuse_empty_classes(path, survey)
+    refs = [_make_ref(path, survey, name, keep_label=labelled is not False) for name in names]
     if labelled:
         refs = [ref for ref in refs if ref.label is not None]
         if not refs:
             raise DataError(
-                f"no labelled images in {path}: expected cat.N.jpg/dog.N.jpg names or Cat/ and Dog/ folders"
+                f"no labelled images in {path}: expected cat.N.jpg/dog.N.jpg names or one folder per class"
             )
     return sorted(refs, key=_sort_key)
+
+
+def _refuse_empty_classes(path: Path, survey: "_Survey") -> None:
+    if survey.empty:
+        folders = ", ".join(f"{name}/" for name in survey.empty)
+        raise DataError(f"class folder{'s' if len(survey.empty) > 1 else ''} {folders} in {path} "
+                        f"hold{'' if len(survey.empty) > 1 else 's'} no images: add images or remove "
+                        f"{'them' if len(survey.empty) > 1 else 'it'}")
 
 
 def labelled_split_dirs(root: str | os.PathLike) -> tuple[Path | None, Path | None]:
@@ -152,7 +188,8 @@ def labelled_split_dirs(root: str | os.PathLike) -> tuple[Path | None, Path | No
     A Kaggle root gives (its train/, its test1/); any other layout is wholly one or the other.
     """
     root = Path(root)
-    archive, names, layout = _survey(root)
+    survey = _survey(root)
+    archive, names, layout = survey.archive, survey.names, survey.layout
     if layout == "kaggle-root":
         if archive:
             raise DataError(f"{root} holds train/ and test1/ inside one archive; unpack it to use the parts separately")
@@ -162,13 +199,29 @@ def labelled_split_dirs(root: str | os.PathLike) -> tuple[Path | None, Path | No
     return (None, root) if layout == "unlabelled" else (root, None)
 
 
-def _survey(path: Path) -> tuple[str | None, list[str], str]:
-    """(the archive or None, the '/'-separated names of the image files under `path`, the layout)."""
+class _Survey(NamedTuple):
+    archive: str | None  # the .zip, or None for a folder
+    names: list[str]  # '/'-separated names of the image files under the path
+    layout: str
+    class_root: str = ""  # any-name class folders: the folder holding them ("" = the path itself), with "/"
+    classes: tuple[str, ...] | None = None  # class folders found below class_root: the class names, in label order
+    empty: tuple[str, ...] = ()  # class folders holding no image
+    label_of: dict | None = None  # class folder name -> label
+
+
+def _survey(path: Path) -> _Survey:
+    """What is under `path`: its image files, their layout, and for any-name class folders the classes."""
     if path.is_dir():
-        names = _walk(path)
+        names, folders = _walk(path)
         archive = None
     elif path.is_file() and path.suffix.lower() == ".zip":
-        names = [info.filename for info in _open_archive(path).infolist() if not info.is_dir()]
+        infos = _open_archive(path).infolist()
+        names = [info.filename for info in infos if not info.is_dir()]
+        # Folders are explicit entries (an empty class folder has only that) and every member's parents.
+        entries = [info.filename.rstrip("/") for info in infos]
+        folders = {"/".join(e.split("/")[:i]) for e in entries for i in range(1, e.count("/") + 1)}
+        folders |= {info.filename.rstrip("/") for info in infos if info.is_dir()}
+        folders = {f for f in folders if f and not any(map(_hidden, f.split("/")))}
         archive = str(path)
     elif path.exists():
         raise DataError(f"{path} is neither a folder nor a .zip archive")
@@ -177,16 +230,50 @@ def _survey(path: Path) -> tuple[str | None, list[str], str]:
     names = [name for name in names if _is_image_name(name)]
     if not names:
         raise DataError(f"no images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files)")
-    return archive, names, _layout(names)
+    layout = _layout(names)
+    if layout != "unlabelled":
+        return _Survey(archive, names, layout)
+    # Checked before the looser cat/dog rule below, so a task whose classes include cat/ and dog/
+    # (CIFAR-10's airplane/ ... cat/ dog/ ... truck/) keeps all its classes.
+    found = _any_class_folders(archive, names, folders)
+    if found is None and any(_folder(name) in CLASS_FOLDERS for name in names):
+        return _Survey(archive, names, "class-folders")  # Cat/ and Dog/ beside loose unlabelled images
+    return found or _Survey(archive, names, "unlabelled")
 
 
-def _walk(root: Path) -> list[str]:
-    names = []
+def _any_class_folders(archive: str | None, names: list[str], folders: set[str]) -> _Survey | None:
+    """Class folders with any names: below any single wrapper folders, two or more folders and no
+    loose images beside them; None when the images are not laid out so."""
+    root = ""
+    while True:
+        loose = any("/" not in n[len(root):] for n in names if n.startswith(root))
+        children = sorted({f[len(root):] for f in folders if f.startswith(root) and "/" not in f[len(root):]})
+        if loose or not children:
+            return None
+        if len(children) >= 2:
+            break
+        root += children[0] + "/"  # a wrapper folder (digits.zip holding digits/): look inside it
+    counts = dict.fromkeys(children, 0)
+    for name in names:
+        counts[name[len(root):].split("/", 1)[0]] += 1
+    empty = tuple(c for c, n in counts.items() if n == 0)
+    if all(c.lower() in CLASS_FOLDERS for c in children):  # cat/ and dog/ holding subfolders: still cat/dog
+        return _Survey(archive, names, "class-folders", root, CLASS_NAMES, empty,
+                       {c: CLASS_FOLDERS[c.lower()] for c in children})
+    return _Survey(archive, names, "class-folders", root, tuple(children), empty,
+                   {c: i for i, c in enumerate(children)})
+
+
+def _walk(root: Path) -> tuple[list[str], set[str]]:
+    """The files and the folders under `root`, '/'-separated and relative; hidden ones left out."""
+    names, folders = [], set()
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if not _hidden(name)]  # prune: never descend into them
         relative = Path(folder).relative_to(root).as_posix()
-        names += [file if relative == "." else f"{relative}/{file}" for file in files]
-    return names
+        prefix = "" if relative == "." else f"{relative}/"
+        names += [prefix + file for file in files]
+        folders.update(prefix + sub for sub in subfolders)
+    return names, folders
 
 
 def _hidden(part: str) -> bool:
@@ -204,7 +291,7 @@ def _layout(names: list[str]) -> str:
     folders = [name.split("/")[:-1] for name in names]
     if any(len(f) >= 2 and f[-1].lower() in CLASS_FOLDERS and f[-2].lower() == "petimages" for f in folders):
         return "petimages"
-    if any(f and f[-1].lower() in CLASS_FOLDERS for f in folders):
+    if all(f and f[-1].lower() in CLASS_FOLDERS for f in folders):  # every image in a Cat/ or Dog/ folder
         return "class-folders"
     parents = {_folder(name) for name in names}
     if parents & set(TRAIN_FOLDERS) and parents & set(TEST_FOLDERS):
@@ -219,8 +306,13 @@ def _folder(name: str) -> str:
     return posixpath.basename(posixpath.dirname(name)).lower()
 
 
-def _make_ref(root: Path, archive: str | None, name: str, keep_label: bool) -> ImageRef:
+def _make_ref(root: Path, survey: _Survey, name: str, keep_label: bool) -> ImageRef:
+    archive = survey.archive
     source = f"{archive}{MEMBER_SEPARATOR}{name}" if archive else os.path.join(root, name)
+    if survey.label_of is not None:  # class folders below a class root: the folder below it is the class
+        below = name[len(survey.class_root):]
+        label = survey.label_of[below.split("/", 1)[0]] if keep_label else None
+        return ImageRef(source=source, label=label, id=posixpath.splitext(posixpath.basename(name))[0], display=below)
     label, image_id = _label_and_id(name)
     return ImageRef(source=source, label=label if keep_label else None, id=image_id)
 
@@ -234,7 +326,7 @@ def _label_and_id(name: str) -> tuple[int | None, str]:
 
 
 def _sort_key(ref: ImageRef) -> tuple:
-    label = len(CLASS_NAMES) if ref.label is None else ref.label
+    label = sys.maxsize if ref.label is None else ref.label  # unlabelled images last
     numeric = int(ref.id) if ref.id.isdigit() else sys.maxsize
     return label, numeric, ref.id, ref.source
 
@@ -298,7 +390,7 @@ class CheckReport:
     """What `check` found: counts, the images that cannot be used and why, image sizes."""
 
     n_images: int
-    per_class: dict[str, int]  # listed images per class: "cat", "dog", "unlabelled"
+    per_class: dict[str, int]  # listed images per class, in label order ("cat", "dog"), then "unlabelled"
     unusable: list[dict[str, str]]  # {"path": source, "reason": short phrase}
     width: dict[str, float]  # min / median / max over usable images (empty if none)
     height: dict[str, float]
@@ -326,17 +418,19 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(refs: Sequence[ImageRef], workers: int = 2, progress: bool = True) -> CheckReport:
+def check(refs: Sequence[ImageRef], workers: int = 2, progress: bool = True,
+          classes: Sequence[str] = CLASS_NAMES) -> CheckReport:
     """Decode every image (in `workers` threads) and report counts, sizes and unusable files.
 
-    An unusable file is recorded with its reason and the run goes on; nothing is raised for one.
+    `classes` names the labels (the data set's `class_names`). An unusable file is recorded with
+    its reason and the run goes on; nothing is raised for one.
     """
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         outcomes = list(tqdm(pool.map(_decoded_size, refs), total=len(refs), desc="checking images",
                              unit="img", file=sys.stderr, disable=not progress))
-    per_class = dict.fromkeys((*CLASS_NAMES, "unlabelled"), 0)
+    per_class = dict.fromkeys((*classes, "unlabelled"), 0)
     for ref in refs:
-        per_class["unlabelled" if ref.label is None else CLASS_NAMES[ref.label]] += 1
+        per_class["unlabelled" if ref.label is None else classes[ref.label]] += 1
     sizes = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
     unusable = [
         {"path": ref.source, "reason": outcome} for ref, outcome in zip(refs, outcomes) if isinstance(outcome, str)
@@ -373,10 +467,11 @@ def show_grid(
     n: int = 16,
     seed: int = 0,
     titles: Sequence[str] | None = None,
+    classes: Sequence[str] = CLASS_NAMES,
 ) -> Path:
     """A PNG grid of `n` images drawn at random (by `seed`) from `refs`, each titled class + id.
 
-    `titles`, if given, replaces the default titles and runs parallel to `refs`.
+    `titles`, if given, replaces the default titles and runs parallel to `refs`; `classes` names the labels.
     """
     import numpy as np
 
@@ -389,7 +484,7 @@ def show_grid(
     picked = sorted(random.Random(seed).sample(range(len(refs)), min(n, len(refs))))
     images, captions = [], []
     for index in picked:
-        caption = titles[index] if titles is not None else _default_title(refs[index])
+        caption = titles[index] if titles is not None else _default_title(refs[index], classes)
         try:
             images.append(refs[index].load(draft_size=160))
         except UnusableImage as exc:
@@ -399,5 +494,5 @@ def show_grid(
     return plot_image_grid(images, captions, Path(out), ncols=max(1, round(len(picked) ** 0.5)))
 
 
-def _default_title(ref: ImageRef) -> str:
-    return f"{'unlabelled' if ref.label is None else CLASS_NAMES[ref.label]} {ref.id}"
+def _default_title(ref: ImageRef, classes: Sequence[str]) -> str:
+    return f"{'unlabelled' if ref.label is None else classes[ref.label]} {ref.id}"

@@ -1,7 +1,11 @@
-"""How good a cat/dog classifier is, from its predictions: metrics, CAPTCHA solve rate, calibration.
+"""How good a classifier is, from its predictions: metrics, CAPTCHA solve rate, calibration, the report.
 
-Everything here works on two arrays, `y_true` (asirra.CAT == 0, asirra.DOG == 1) and `p_dog`
-(the predicted probability of DOG), so it is independent of how the predictions were made.
+The cat/dog figures work on two arrays, `y_true` (asirra.CAT == 0, asirra.DOG == 1) and `p_dog`
+(the predicted probability of DOG), so they are independent of how the predictions were made.
+Any other model (N classes, or two classes not named cat and dog) is scored by asirra.metrics on
+(n, N) probabilities: top-1/top-k accuracy, per-class precision/recall/F1, macro-F1, log loss,
+reliability. The generic metrics live there; this module adds the binary-only figures (AUC, Brier,
+challenge solve rate) and writes the report.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from asirra import CAT, CLASS_NAMES, DOG, plots
-from asirra.calibration import EPS, THRESHOLD, InvalidPredictions, as_1d, check_labels, predicted_labels
+from asirra.calibration import THRESHOLD, InvalidPredictions, as_1d, check_labels, predicted_index, predicted_labels
 from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.fileio import write_json_atomic
+from asirra.metrics import log_loss, mistake_order, multiclass_metrics  # log_loss: one home, re-exported here
 
 # ---- inputs ---------------------------------------------------------------------------------
 
@@ -36,12 +41,6 @@ def check_predictions(y_true, p_dog) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- metrics --------------------------------------------------------------------------------
-
-
-def log_loss(y_true: np.ndarray, p_dog: np.ndarray) -> float:
-    """Mean binary cross-entropy in nats, probabilities clipped to [EPS, 1 - EPS] (see EPS)."""
-    p = np.clip(p_dog, EPS, 1 - EPS)
-    return float(-np.mean(y_true * np.log(p) + (1 - y_true) * np.log1p(-p)))
 
 
 def classification_metrics(y_true, p_dog, threshold: float = THRESHOLD) -> dict:
@@ -135,12 +134,10 @@ def challenge_solve_rate(
 
 
 def worst_mistakes(y_true, p_dog, k: int = 24, threshold: float = THRESHOLD) -> np.ndarray:
-    """Indices of up to `k` misclassified images, most confidently wrong first."""
+    """Indices of up to `k` misclassified images, most confidently wrong first: metrics.mistake_order
+    on P(dog), with the calls made at `threshold`."""
     y, p = check_predictions(y_true, p_dog)
-    wrong = np.flatnonzero(predicted_labels(p, threshold) != y)
-    p_wrong_class = np.where(y[wrong] == CAT, p[wrong], 1 - p[wrong])
-    order = np.argsort(-p_wrong_class, kind="stable")  # stable: ties keep dataset order
-    return wrong[order[:k]]
+    return mistake_order(y, p, k, predicted=predicted_labels(p, threshold))
 
 
 # ---- reports --------------------------------------------------------------------------------
@@ -214,6 +211,56 @@ def write_evaluation(
     }
 
 
+def top_ks(n_classes: int) -> tuple[int, ...]:
+    """The top-k accuracies reported for N classes: top-1, top-3 and top-5 (ImageNet's), each capped at
+    k = N - 1 (k = N is 1.0 by definition and tells nothing): 10 classes get 1, 3, 5; 3 classes 1, 2."""
+    return (1,) if n_classes < 3 else tuple(sorted({1, min(3, n_classes - 1), min(5, n_classes - 1)}))
+
+
+def evaluate_classes(y_true, proba, classes: Sequence[str], info: dict | None = None) -> EvaluationReport:
+    """The report of any model other than cat/dog: asirra.metrics.multiclass_metrics on (n, N) probabilities.
+
+    There is no challenge solve rate: a CAPTCHA asks about one class (see `asirra attack --target`).
+    """
+    metrics = multiclass_metrics(y_true, proba, classes, top_k=top_ks(len(classes)))
+    return EvaluationReport(metrics=metrics, challenge={}, info=dict(info or {}))
+
+
+def write_class_evaluation(
+    report: EvaluationReport,
+    y_true,
+    proba,
+    classes: Sequence[str],
+    images_for_mistakes: Callable[[list[int]], list[np.ndarray]],
+    names: Sequence[str],
+    out_dir: Path,
+    k_mistakes: int = 24,
+    mistakes_note: str = "",
+) -> dict[str, Path]:
+    """metrics.json, confusion.png (N x N), reliability.png (top-1 confidence) and mistakes.png (each titled
+    with its true and predicted class) into `out_dir`; the arguments are write_evaluation's."""
+    from asirra.metrics import check_multiclass
+
+    y, p = check_multiclass(y_true, proba, classes)
+    if len(names) != len(y):
+        raise InvalidPredictions(f"{len(names)} names for {len(y)} predictions")
+    out_dir = Path(out_dir)
+    mistakes = mistake_order(y, p, k=k_mistakes).tolist()
+    return {
+        "metrics": write_json_atomic(out_dir / "metrics.json", report.to_json()),
+        "confusion": plots.plot_confusion_matrix(np.array(report.metrics["confusion"]), out_dir / "confusion.png",
+                                                 list(classes)),
+        "reliability": plots.plot_confidence_reliability(report.metrics["reliability_bins"], out_dir / "reliability.png"),
+        "mistakes": plots.plot_image_grid(
+            images_for_mistakes(mistakes),
+            plots.mistake_titles(y, p, classes, mistakes, names=names),
+            out_dir / "mistakes.png",
+            colors=["red"] * len(mistakes),
+            title=(f"{len(mistakes)} most confident mistakes" if mistakes else "no mistakes") + mistakes_note,
+        ),
+    }
+
+
 # ---- the pipeline ---------------------------------------------------------------------------
 
 
@@ -239,7 +286,6 @@ def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int 
     if not preds.refs:
         raise InvalidPredictions("no readable images to evaluate")
     context = {"model": classifier.name, "backend": classifier.backend, "unusable": len(preds.unusable), **(info or {})}
-    report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=n_challenges, seed=seed, info=context)
 
     def pictures(idx: list[int]) -> list[np.ndarray]:
         if not explain:
@@ -248,8 +294,15 @@ def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int 
 
         # The torch module explains the call the scoring backend made: that call is the target.
         return gradcam_overlays(classifier.model, classifier.image_size, [preds.refs[i].read_bytes() for i in idx],
-                                targets=predicted_labels(preds.p_dog[idx]), tta=classifier.tta)
+                                targets=predicted_index(preds.proba[idx]), tta=classifier.tta)
 
-    files = write_evaluation(report, preds.labels, preds.p_dog, pictures, [r.name for r in preds.refs], out_dir,
-                             mistakes_note=" (Grad-CAM of the predicted class)" if explain else "")
+    names = [r.name for r in preds.refs]
+    note = " (Grad-CAM of the predicted class)" if explain else ""
+    if tuple(preds.classes) == CLASS_NAMES:
+        report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=n_challenges, seed=seed, info=context)
+        files = write_evaluation(report, preds.labels, preds.p_dog, pictures, names, out_dir, mistakes_note=note)
+    else:
+        report = evaluate_classes(preds.labels, preds.proba, preds.classes, info=context)
+        files = write_class_evaluation(report, preds.labels, preds.proba, preds.classes, pictures, names, out_dir,
+                                       mistakes_note=note)
     return Evaluation(report, preds, files)

@@ -13,6 +13,8 @@ what the model saw rather than for the class it missed (pytorch-grad-cam issue #
 the score is +-z, one backward pass of z gives both classes' maps: for the channel weights
 w = spatial mean of dz/dA, the dog map is ReLU(sum_k w_k A_k) and the cat map ReLU(-sum_k w_k A_k).
 The temperature divides z by a positive constant, so it changes neither the call nor the map.
+A model with N >= 3 classes returns N logits; the map of class c is that of its logit z_c (the
+pre-softmax score, as in the paper), one backward pass of sum_i z_i[c_i] for a batch.
 
 Target layers (`target_layer`, the one place that knows them): seed-cnn's last conv block
 (`features[-1]`, after its pooling), EfficientNet-Lite's top 1x1 conv block (`backbone.top`,
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asirra import CAT, CLASS_NAMES, DOG
-from asirra.calibration import apply_temperature, describe, predicted_labels
+from asirra.calibration import describe_row, predicted_index, probabilities
 from asirra.images import ImageSource, UnusableImage, read_file, read_pixels
 
 COLORMAP = "turbo"
@@ -62,8 +64,8 @@ def target_layer(model: nn.Module) -> tuple[str, nn.Module]:
 @dataclass
 class CamResult:
     maps: np.ndarray  # (N, S, S) float32 in [0, 1], each image's map scaled to its own peak (all 0: no evidence)
-    logits: np.ndarray  # (N,) raw logits of P(dog), before temperature (averaged with the mirror under tta)
-    targets: np.ndarray  # (N,) the class each map explains: CAT or DOG
+    logits: np.ndarray  # raw, before temperature (averaged with the mirror under tta): (N,) logit P(dog), or (N, C)
+    targets: np.ndarray  # (N,) the class index each map explains (CAT or DOG for the one-logit models)
 
     def peaks(self) -> list[tuple[int, int] | None]:
         """(row, col) of each map's maximum in input pixels; None for an all-zero map."""
@@ -87,11 +89,12 @@ def _inference_setup(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def signed_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_k w_k A_k at the layer's resolution, (N, h, w); logits (N,)) for the dog logit.
+def _forward_keeping(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with their graph above `layer`, the layer's output as the leaf the backward pass stops at).
 
     The forward hook swaps the layer's output for a detached copy that requires grad, so the
-    gradient of the logits with respect to it is all autograd computes.
+    gradient of the logits with respect to it is all autograd computes. Call under _inference_setup
+    and enable_grad.
     """
     captured: list[torch.Tensor] = []
 
@@ -102,16 +105,21 @@ def signed_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[tor
 
     handle = layer.register_forward_hook(keep)
     try:
-        with _inference_setup(model), torch.enable_grad():
-            z = model(x)
-            if len(captured) != 1:
-                raise ValueError(f"the target layer ran {len(captured)} times in one forward pass; expected once")
-            # Images are independent in eval mode, so the gradient of the sum is each image's own.
-            (grads,) = torch.autograd.grad(z.sum(), captured[0])
+        z = model(x)
     finally:
         handle.remove()
-    weights = grads.mean((2, 3), keepdim=True)
-    return (weights * captured[0].detach()).sum(1), z.detach()
+    if len(captured) != 1:
+        raise ValueError(f"the target layer ran {len(captured)} times in one forward pass; expected once")
+    return z, captured[0]
+
+
+def _check_targets(targets, n: int, n_classes: int) -> np.ndarray:
+    chosen = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if n_classes == 2 and (len(chosen) != n or not np.isin(chosen, (CAT, DOG)).all()):
+        raise ValueError(f"targets must be {n} classes, each {CAT} (cat) or {DOG} (dog)")
+    if len(chosen) != n or chosen.min(initial=0) < 0 or chosen.max(initial=0) >= n_classes:
+        raise ValueError(f"targets must be {n} class indices, each 0..{n_classes - 1}")
+    return chosen
 
 
 def gradcam(model: nn.Module, pixels: np.ndarray, targets: Sequence[int] | None = None, tta: bool = False,
@@ -120,20 +128,26 @@ def gradcam(model: nn.Module, pixels: np.ndarray, targets: Sequence[int] | None 
 
     With `tta` (as a model validated on image + mirror predicts), the logit and the weighted sum
     are averaged over the image and its mirror (flipped back), so the map explains the same
-    averaged logit the classifier decides on.
+    averaged logit the classifier decides on; the predicted class is that of the averaged logits.
     """
     layer = layer if layer is not None else target_layer(model)[1]
     x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(0, 3, 1, 2).float()  # a copy: decoded pixels are read-only
-    cam, z = signed_cam(model, layer, x)
-    if tta:
-        cam_m, z_m = signed_cam(model, layer, torch.flip(x, dims=[3]))
-        cam, z = (cam + torch.flip(cam_m, dims=[2])) / 2, (z + z_m) / 2
-    z = z.double().numpy().reshape(-1)
-    chosen = predicted_labels(apply_temperature(z, 1.0)) if targets is None else np.asarray(targets, dtype=np.int64)
-    if len(chosen) != len(z) or not np.isin(chosen, (CAT, DOG)).all():
-        raise ValueError(f"targets must be {len(z)} classes, each {CAT} (cat) or {DOG} (dog)")
-    sign = torch.from_numpy(np.where(chosen == DOG, 1.0, -1.0)).float()[:, None, None]
-    maps = F.relu(sign * cam)  # ReLU at the layer's resolution, then upsample, as in the paper
+    views = [x, torch.flip(x, dims=[3])] if tta else [x]
+    with _inference_setup(model), torch.enable_grad():
+        outputs = [_forward_keeping(model, layer, view) for view in views]
+        z = (sum(out.detach() for out, _ in outputs) / len(outputs)).double().numpy()
+        one_logit = z.ndim == 1
+        n_classes = 2 if one_logit else z.shape[1]
+        chosen = predicted_index(probabilities(z)) if targets is None else _check_targets(targets, len(x), n_classes)
+        index = torch.from_numpy(chosen)[:, None]
+        # One logit: the map of z, signed below per class. N logits: each image's target logit.
+        # Images (and views) are independent in eval mode, so the gradient of the sum is each one's own.
+        score = sum((out if one_logit else out.gather(1, index)).sum() for out, _ in outputs)
+        grads = torch.autograd.grad(score, [leaf for _, leaf in outputs])
+    cams = [(g.mean((2, 3), keepdim=True) * leaf.detach()).sum(1) for g, (_, leaf) in zip(grads, outputs)]
+    cam = cams[0] if not tta else (cams[0] + torch.flip(cams[1], dims=[2])) / 2
+    sign = torch.from_numpy(np.where(chosen == DOG, 1.0, -1.0) if one_logit else np.ones(len(chosen))).float()
+    maps = F.relu(sign[:, None, None] * cam)  # ReLU at the layer's resolution, then upsample, as in the paper
     maps = F.interpolate(maps[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
     peak = maps.amax((1, 2), keepdim=True)
     maps = torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
@@ -213,14 +227,21 @@ class ExplainReport:
     seconds_per_image: float | None = None  # Grad-CAM's forward + backward per image, drawing excluded
 
 
-def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: int = 0) -> list:
-    """ImageRefs for files and folders (or .zip) in order; `limit` keeps a random sample, order kept."""
-    from asirra.data import DataError, ImageRef, scan
+def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: int = 0,
+                 classes: Sequence[str] | None = None) -> list:
+    """ImageRefs for files and folders (or .zip) in order; `limit` keeps a random sample, order kept.
+
+    With the model's `classes`, a labelled folder's labels are mapped to them by name (a class the
+    model does not know leaves its images unlabelled: they are still explained, just not marked).
+    """
+    from asirra.data import DataError, ImageRef, class_names, scan
+    from asirra.predict import align_labels
 
     refs = []
     for path in map(Path, paths):
         if path.is_dir() or path.suffix.lower() == ".zip":
-            refs += scan(path)
+            found = scan(path)
+            refs += found if classes is None else align_labels(found, class_names(path), classes, strict=False)
         elif path.is_file():
             refs.append(ImageRef(source=str(path), label=None, id=path.stem))
         else:
@@ -232,10 +253,11 @@ def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: in
 
 
 def explain_refs(model: nn.Module, config, refs: Sequence, out_dir: Path, tta: bool | None = None,
-                 progress: bool = True, clock=time.perf_counter) -> ExplainReport:
-    """Grad-CAM of the predicted class for every readable ref: per-image PNGs, grid.png, explain.json.
+                 progress: bool = True, clock=time.perf_counter, target_class: str | None = None) -> ExplainReport:
+    """Grad-CAM of the predicted class (or of `target_class` for every image) for every readable ref:
+    per-image PNGs, grid.png, explain.json.
 
-    `config` is the model's asirra.models.ModelConfig (input size, temperature, tta). Unreadable
+    `config` is the model's asirra.models.ModelConfig (input size, temperature, tta, classes). Unreadable
     images are skipped and listed, never fatal.
     """
     from tqdm import tqdm
@@ -245,6 +267,10 @@ def explain_refs(model: nn.Module, config, refs: Sequence, out_dir: Path, tta: b
 
     out_dir = Path(out_dir)
     tta = config.tta if tta is None else tta
+    classes = tuple(str(c) for c in config.classes)
+    if target_class is not None and target_class not in classes:
+        raise ValueError(f"no class {target_class!r} to explain: the model's classes are {', '.join(classes)}")
+    target = None if target_class is None else classes.index(target_class)
     layer_name, _ = target_layer(model)
     display = max(config.image_size, DISPLAY_MIN)
     items, skipped, thumbs, cam_seconds = [], [], [], 0.0
@@ -256,28 +282,33 @@ def explain_refs(model: nn.Module, config, refs: Sequence, out_dir: Path, tta: b
         if not readable:
             continue
         started = clock()
-        result = gradcam(model, np.stack([pixels for _, _, pixels in readable]), tta=tta)
+        result = gradcam(model, np.stack([pixels for _, _, pixels in readable]), tta=tta,
+                         targets=None if target is None else [target] * len(readable))
         cam_seconds += clock() - started
-        p_dog = apply_temperature(result.logits, config.temperature)
-        for (ref, blob, _), cam, p, target, peak in zip(readable, result.maps, p_dog, result.targets, result.peaks()):
+        proba = probabilities(result.logits, config.temperature)
+        for (ref, blob, _), cam, row, explained, peak in zip(readable, result.maps, proba, result.targets,
+                                                             result.peaks()):
             picture = read_pixels(blob, display)
             file = out_dir / _file_name(len(items), ref.name)
-            plot_overlay(picture, cam, f"{ref.name}: {describe(p)}", file, peak)
-            items.append(_image_record(ref, p, target, peak, config.image_size, file))
+            title = f"{ref.name}: {describe_row(row, classes)}" + ("" if target is None else f" (map: {target_class})")
+            plot_overlay(picture, cam, title, file, peak)
+            items.append(_image_record(ref, row, classes, int(explained), peak, config.image_size, file))
             if len(thumbs) < GRID_MAX:
                 thumbs.append(overlay(picture, cam))
     bar.close()
     seconds = cam_seconds / len(items) if items else None  # forward + backward, drawing excluded
     shown = items[:GRID_MAX]
     extra = f" (first {GRID_MAX} of {len(items)})" if len(items) > GRID_MAX else ""
+    what = "the predicted class" if target is None else f"class {target_class!r}"
     files = {"grid": plot_image_grid(
-        thumbs, [f"{i['name']}: {describe(i['p_dog'])}" for i in shown], out_dir / "grid.png",
+        thumbs, [f"{i['name']}: {i['predicted']} {i['probability']:.2f}" for i in shown], out_dir / "grid.png",
         colors=[("red" if i.get("correct") is False else "black") for i in shown],
-        title=f"Grad-CAM of the predicted class, {config.name}{extra}")}
+        title=f"Grad-CAM of {what}, {config.name}{extra}")}
     report = ExplainReport(items, skipped, files, seconds)
+    score = "dog: +logit, cat: -logit" if len(classes) == 2 else "the class's logit"
     files["json"] = write_json_atomic(out_dir / "explain.json", {
         "model": config.name, "image_size": config.image_size, "temperature": config.temperature, "tta": tta,
-        "target_layer": layer_name, "method": "Grad-CAM of the predicted class (dog: +logit, cat: -logit)",
+        "classes": list(classes), "target_layer": layer_name, "method": f"Grad-CAM of {what} ({score})",
         "gradcam_seconds_per_image": seconds, "images": items, "skipped": skipped,
         "files": {k: str(v) for k, v in files.items()}})
     return report
@@ -295,19 +326,23 @@ def _decode(refs: Sequence, size: int) -> tuple[list[tuple], list[dict]]:
     return readable, skipped
 
 
-def _image_record(ref, p_dog: float, target: int, peak, size: int, file: Path) -> dict:
-    predicted = int(predicted_labels(p_dog))
+def _image_record(ref, proba_row: np.ndarray, classes: tuple[str, ...], target: int, peak, size: int,
+                  file: Path) -> dict:
+    predicted = int(predicted_index(proba_row[None])[0])
+    # The cat/dog model keeps its P(dog) field; other models list every class's probability.
+    probs = {"p_dog": float(proba_row[DOG])} if classes == CLASS_NAMES else {
+        "probabilities": {c: float(p) for c, p in zip(classes, proba_row)}}
     record = {
         "name": ref.name, "source": ref.source, "file": str(file),
-        "predicted": CLASS_NAMES[predicted], "probability": float(p_dog if predicted == DOG else 1 - p_dog),
-        "p_dog": float(p_dog), "explained_class": CLASS_NAMES[target],
+        "predicted": classes[predicted], "probability": float(proba_row[predicted]),
+        **probs, "explained_class": classes[target],
         # Fractions of the picture's width and height from its top-left corner: the model sees the whole
         # frame squashed to a square, so they hold for the original photo as well.
         "peak": None if peak is None else {"x": (peak[1] + 0.5) / size, "y": (peak[0] + 0.5) / size,
                                            "input_px": [peak[1], peak[0]]},
     }
-    if ref.label is not None:
-        record.update(label=CLASS_NAMES[ref.label], correct=bool(ref.label == predicted))
+    if ref.label is not None and ref.label < len(classes):  # model indices once collect_refs(classes=) aligned them
+        record.update(label=classes[ref.label], correct=bool(ref.label == predicted))
     return record
 
 
@@ -331,4 +366,4 @@ def summary_lines(report: ExplainReport) -> list[str]:
 
 
 __all__ = ["CamResult", "ExplainReport", "collect_refs", "explain_refs", "gradcam", "gradcam_overlays", "overlay",
-           "plot_overlay", "signed_cam", "summary_lines", "target_layer"]
+           "plot_overlay", "summary_lines", "target_layer"]

@@ -41,7 +41,10 @@ ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
 
 
 def export_beside_weights(module: nn.Module, folder: Path, image_size: int) -> Path:
-    """model.onnx next to model.safetensors, with the weights' fingerprint so a stale file is never used."""
+    """model.onnx next to model.safetensors, with the weights' fingerprint so a stale file is never used.
+
+    The output is the network's: (n,) logits for a two-class model, (n, N) for N classes.
+    """
     path = export_onnx(module, Path(folder) / ONNX_FILES["onnx"], image_size, output_name="logit")
     _stamp(module, path)
     return path
@@ -168,6 +171,7 @@ def package_model(model_path: Path, dest: Path, calibration: np.ndarray | None =
     import json
     import shutil
 
+    from asirra import CLASS_NAMES
     from asirra.fileio import write_json_atomic, write_text_atomic
     from asirra.models import load_model, pretrained_sources, resolve_model_folder, save_model
 
@@ -175,6 +179,10 @@ def package_model(model_path: Path, dest: Path, calibration: np.ndarray | None =
     if folder.resolve() == Path(dest).resolve():
         raise ValueError(f"{folder} is already the packaged model; pass the run folder it came from")
     net, config = load_model(folder)
+    if tuple(config.classes) != CLASS_NAMES:
+        # The default model answers the CAPTCHA (asirra.solve, the demo, the attack): it must be the cat/dog one.
+        raise ValueError(f"only a cat/dog model can be the package's default; {folder} has classes "
+                         f"{', '.join(map(str, config.classes))}")
     stale_files = ["split.json", "curves.png", "MODEL_CARD.md"] + [f"{f}{x}" for f in ONNX_FILES.values() for x in ("", ".weights")]
     for stale in stale_files:
         (Path(dest) / stale).unlink(missing_ok=True)  # nothing of the previous model may survive beside the new one

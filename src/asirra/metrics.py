@@ -162,11 +162,17 @@ def reliability(y_true, proba, n_bins: int = 10) -> dict:
     return {"ece": float(ece), "n_bins": n_bins, "bins": bins}
 
 
-def mistake_order(y_true, proba, k: int = 24) -> np.ndarray:
-    """Indices of up to `k` wrong top-1 calls, the most confident (highest predicted probability) first."""
+def mistake_order(y_true, proba, k: int = 24, predicted=None) -> np.ndarray:
+    """Indices of up to `k` wrong calls, the most confident (highest probability of the called class) first.
+
+    The calls are the top-1 rule's unless `predicted` (one class index per image) gives them, e.g.
+    cat/dog calls at a threshold other than 0.5 (asirra.evaluate.worst_mistakes).
+    """
     y, p = check_multiclass(y_true, proba)
     k = _check_k(k)
-    predicted = predictions(p)
+    predicted = predictions(p) if predicted is None else np.asarray(predicted, dtype=np.int64)
+    if predicted.shape != y.shape:
+        raise InvalidPredictions(f"{len(predicted)} calls for {len(y)} images")
     wrong = np.flatnonzero(predicted != y)
     order = np.argsort(-p[wrong, predicted[wrong]], kind="stable")  # stable: ties keep dataset order
     return wrong[order[:k]]

@@ -1,8 +1,9 @@
 """The model registry: networks by name, and their files (safetensors weights + a JSON config).
 
 Model files are never unpickled: weights are safetensors, the config is JSON, and a model is
-rebuilt from the registry by name. Every network maps a float batch in [0, 255] (N, 3, S, S) to
-one logit per image, z = logit P(dog); each network owns its input normalisation.
+rebuilt from the registry by name. Every network maps a float batch in [0, 255] (n, 3, S, S) to
+one logit per image for two classes, z = logit P(class 1) = logit P(dog) for cat/dog, or (n, N)
+logits for N >= 3 classes (head_width); each network owns its input normalisation.
 """
 
 from __future__ import annotations
@@ -72,9 +73,17 @@ def input_size(config) -> int:
     return config.image_size or image_size_of(config.model)
 
 
-def model_for(config, pretrained: bool = True) -> nn.Module:
-    """The network a training config describes (name, input size, architecture options)."""
-    return create_model(config.model, pretrained=pretrained, image_size=input_size(config), **config.model_options)
+def model_for(config, pretrained: bool = True, num_classes: int = 2) -> nn.Module:
+    """The network a training config describes (name, input size, architecture options), with a head
+    for `num_classes` classes (head_width: one logit for two)."""
+    return create_model(config.model, pretrained=pretrained, image_size=input_size(config),
+                        **{**config.model_options, **class_option(num_classes)})
+
+
+def class_option(num_classes: int) -> dict:
+    """The factory option for an N-class head: none for two classes, so a cat/dog model is built as it always was."""
+    head_width(num_classes)  # refuses fewer than two classes
+    return {} if int(num_classes) == 2 else {"num_classes": int(num_classes)}
 
 
 def create_model(name: str, pretrained: bool = True, image_size: int | None = None, **options) -> nn.Module:
@@ -290,7 +299,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig]:
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{folder / CONFIG_FILE} is not an asirra model config ({exc})") from None
     model = create_model(config.name, pretrained=False, image_size=config.image_size,
-                         **{**config.options, **({"num_classes": len(config.classes)} if len(config.classes) != 2 else {})})
+                         **{**config.options, **class_option(len(config.classes))})
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / WEIGHTS_FILE).items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -226,6 +226,33 @@ def plot_reliability(
     return save_figure(fig, out)
 
 
+def plot_confidence_reliability(bins: Sequence[dict], out: Path) -> Path:
+    """Reliability of the top-1 call for N classes: accuracy vs mean confidence per bin, with image counts.
+
+    `bins` are asirra.metrics.reliability's ({"low", "high", "count", "confidence", "accuracy"}); the
+    diagram only draws them, so the plotted points are exactly the ECE's terms.
+    """
+    filled = [b for b in bins if b["count"]]
+    fig = Figure(figsize=(5, 6), layout="constrained")
+    curve_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    curve_ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    curve_ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "-o", markersize=4,
+                  label="model")
+    count_ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
+                 width=[b["high"] - b["low"] for b in bins], fill=False, edgecolor="C0")
+    curve_ax.set_ylabel("accuracy of the top-1 call")
+    curve_ax.set_xlim(0, 1)
+    curve_ax.set_ylim(0, 1)
+    curve_ax.set_title("reliability diagram (top-1 confidence)")
+    curve_ax.legend(loc="upper left", fontsize=8)
+    curve_ax.grid(alpha=0.3)
+    if any(b["count"] for b in bins):
+        count_ax.set_yscale("log")
+    count_ax.set_xlabel("confidence (probability of the predicted class)")
+    count_ax.set_ylabel("images")
+    return save_figure(fig, out)
+
+
 # ---- image grids ----------------------------------------------------------------------------
 
 

@@ -1,7 +1,9 @@
-"""Inference: a Classifier over any model file, on PyTorch or ONNX Runtime, and Kaggle submissions.
+"""Inference: a Classifier over any model file, on PyTorch or ONNX Runtime, and prediction CSVs.
 
 Every input goes through asirra.images.read_pixels, the same function that filled the training
-cache, so train and predict see identical pixels.
+cache, so train and predict see identical pixels. A model has N >= 2 classes (ModelConfig.classes):
+`predict_classes_proba` gives (n, N) probabilities for any of them; `predict_proba` (P(class 1),
+i.e. P(dog)) and the Kaggle submission are the two-class views the cat/dog model has always had.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from asirra import CAT, CLASS_NAMES
 from asirra.cache import default_cache_dir
 from asirra.config import BACKENDS, DEFAULT_BACKEND
-from asirra.calibration import apply_temperature, describe, is_cat, predicted_labels
+from asirra.calibration import apply_temperature, describe_row, predicted_index, predicted_labels, probabilities
 from asirra.images import ImageSource, UnusableImage, read_pixels
 from asirra.fileio import atomic_path
 from asirra.models import ModelConfig, load_model, resolve_model_folder
@@ -30,6 +33,10 @@ def default_model_path() -> Path:
     if not (DEFAULT_MODEL_DIR / "model.json").exists():
         raise ValueError("the default model is missing from this installation; pass --model or run `make model`")
     return DEFAULT_MODEL_DIR
+
+
+class TargetClassError(ValueError):
+    """A CAPTCHA asks to select a class the model does not know."""
 
 
 def resolve_backend(backend: str, model: torch.nn.Module, folder: Path | None) -> str:
@@ -46,7 +53,9 @@ def resolve_backend(backend: str, model: torch.nn.Module, folder: Path | None) -
 
 
 class Classifier:
-    """P(dog) for images: `predict_proba(sources)`, and `solve(sources)` for a CAPTCHA challenge."""
+    """Class probabilities for images: `predict_classes_proba(sources)` -> (n, N) for any model,
+    `predict_proba(sources)` -> P(class 1) (P(dog)) for two-class ones, and `solve(sources)` for a
+    CAPTCHA challenge ("select every cat", or every `target` class)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND, folder: Path | None = None,
                  tta: bool | None = None):
@@ -58,13 +67,21 @@ class Classifier:
         self.tta = config.tta if tta is None else tta
         self.name = config.name
         self.image_size = config.image_size
+        self.classes = tuple(str(c) for c in config.classes)  # label order: column i of the probabilities
+        self.target = CLASS_NAMES[CAT]  # what solve() selects; see select()
         self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
         self._session = self._onnx_session() if backend.startswith("onnx") else None
 
     # -- pixels in, logits out ---------------------------------------------------------------
 
+    @property
+    def is_cat_dog(self) -> bool:
+        """The cat/dog model (classes exactly ("cat", "dog")): its figures and files keep their binary form."""
+        return self.classes == CLASS_NAMES
+
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> raw logits (before temperature), averaged with the mirror if tta."""
+        """uint8 (n, S, S, 3) -> raw logits (before temperature), averaged with the mirror if tta:
+        (n,) for a two-class model (z = logit P(class 1)), (n, N) for N >= 3 classes."""
         z = self._raw_logits(pixels)
         if self.tta:
             z = (z + self._raw_logits(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
@@ -74,13 +91,18 @@ class Classifier:
         if self._session is not None:
             from asirra.export import run_onnx
 
-            return run_onnx(self._session, pixels).astype(np.float64).reshape(-1)
+            return _batch_first(run_onnx(self._session, pixels).astype(np.float64), len(pixels))
         x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
         with torch.inference_mode():
-            return self.model(x).double().numpy().reshape(-1)
+            return _batch_first(self.model(x).double().numpy(), len(pixels))
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities: P(class 1) for 1-D (two-class) logits, (n, N) for (n, N) logits."""
         return apply_temperature(logits, self.config.temperature)
+
+    def classes_proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated (n, N) class probabilities, for any number of classes (columns [1 - p, p] for two)."""
+        return probabilities(logits, self.config.temperature)
 
     # -- images in ---------------------------------------------------------------------------
 
@@ -97,15 +119,42 @@ class Classifier:
         return np.stack(list(self._pool.map(read, enumerate(sources))))
 
     def predict_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        if isinstance(sources, (str, bytes, os.PathLike)):
-            raise TypeError("predict_proba takes a list of images; wrap a single image in a list")
+        """P(class 1) of each image (P(dog) for the cat/dog model); two-class models only."""
+        _check_list(sources, "predict_proba")
+        if len(self.classes) != 2:
+            raise ValueError(f"{self.name} has {len(self.classes)} classes; predict_proba is P(class 1) of a "
+                             "two-class model: use predict_classes_proba")
         if len(sources) == 0:
             return np.zeros(0)
         return self.proba_from_logits(self.logits(self.pixels(sources)))
 
-    def solve(self, sources: Sequence[ImageSource]) -> list[bool]:
-        """Which of the challenge images are cats (the package's one threshold rule)."""
-        return is_cat(self.predict_proba(sources))
+    def predict_classes_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
+        """(n, N) calibrated class probabilities, columns in the order of `classes`; rows sum to 1."""
+        _check_list(sources, "predict_classes_proba")
+        if len(sources) == 0:
+            return np.zeros((0, len(self.classes)))
+        return self.classes_proba_from_logits(self.logits(self.pixels(sources)))
+
+    def target_index(self, target: str | None = None) -> int:
+        """The column of the class a CAPTCHA selects (default: self.target, "cat"); a clear error if unknown."""
+        target = self.target if target is None else target
+        if target not in self.classes:
+            raise TargetClassError(f"{self.name} cannot select every {target!r}: its classes are "
+                                   f"{', '.join(self.classes)}; choose one of them as the target")
+        return self.classes.index(target)
+
+    def select(self, target: str) -> "Classifier":
+        """Make solve() select every `target` image; refuses a class the model does not have."""
+        self.target_index(target)
+        self.target = target
+        return self
+
+    def solve(self, sources: Sequence[ImageSource], target: str | None = None) -> list[bool]:
+        """Which challenge images are `target` (default self.target, "cat"): the package's one decision rule
+        (the THRESHOLD on P(dog) for cat/dog, argmax for N classes)."""
+        index = self.target_index(target)
+        calls = predicted_index(self.predict_classes_proba(sources))
+        return [bool(call == index) for call in calls]
 
     # -- ONNX --------------------------------------------------------------------------------
 
@@ -133,6 +182,17 @@ class Classifier:
         return path
 
 
+def _batch_first(z: np.ndarray, n: int) -> np.ndarray:
+    """A network's output as (n,) for one logit per image, else (n, N)."""
+    z = z.reshape(n, -1)
+    return z[:, 0] if z.shape[1] == 1 else z
+
+
+def _check_list(sources, method: str) -> None:
+    if isinstance(sources, (str, bytes, os.PathLike)):
+        raise TypeError(f"{method} takes a list of images; wrap a single image in a list")
+
+
 def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND, tta: bool | None = None) -> Classifier:
     """A classifier from a run folder or model file; None means the default model in the package."""
     folder = resolve_model_folder(model) if model is not None else default_model_path()
@@ -144,20 +204,58 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAU
 # ---- many images: folders, evaluation, submissions -----------------------------------------
 
 
+class LabelMismatch(ValueError):
+    """Labelled images of a class the model was not trained on."""
+
+
+def align_labels(refs: Sequence, data_classes: Sequence[str], model_classes: Sequence[str],
+                 strict: bool = True) -> list:
+    """Refs relabelled from the data set's class order (asirra.data.class_names) to the model's, by name.
+
+    A data set may hold a subset of the model's classes (its labels then index a shorter tuple).
+    A class the model does not know cannot be scored: a clear error, or with strict=False no label.
+    """
+    from dataclasses import replace
+
+    data_classes, model_classes = tuple(data_classes), tuple(model_classes)
+    if data_classes == model_classes:
+        return list(refs)
+    unknown = [c for c in data_classes if c not in model_classes]
+    if unknown and strict:
+        raise LabelMismatch(f"the data's classes {', '.join(unknown[:5])} are not among the model's "
+                            f"({', '.join(model_classes[:10])}{', ...' if len(model_classes) > 10 else ''})")
+    index = [model_classes.index(c) if c in model_classes else None for c in data_classes]
+    return [ref if ref.label is None else replace(ref, label=index[ref.label]) for ref in refs]
+
+
 @dataclass
 class Predictions:
     refs: list  # the usable ImageRefs, in order
-    p_dog: np.ndarray
-    logits: np.ndarray
+    proba: np.ndarray  # (n, N) calibrated class probabilities, columns in the order of `classes`
+    logits: np.ndarray  # raw: (n,) for two classes, (n, N) otherwise
     unusable: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    classes: tuple[str, ...] = CLASS_NAMES
 
     @property
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.refs], dtype=np.int64)
 
+    @property
+    def p_dog(self) -> np.ndarray:
+        """P(class 1) of a two-class model (P(dog) for cat/dog): exactly the calibrated sigmoid."""
+        if self.proba.shape[1] != 2:
+            raise ValueError(f"P(dog) is a two-class figure; these predictions have {self.proba.shape[1]} classes")
+        return self.proba[:, 1]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Each image's predicted class index (the package's one decision rule)."""
+        return predicted_index(self.proba)
+
 
 def predict_refs(clf: Classifier, refs: Sequence, batch_size: int = 64, progress: bool = True) -> Predictions:
-    """P(dog) for every readable ref; unreadable ones are skipped and reported, never fatal."""
+    """Class probabilities (and P(dog) for cat/dog) for every readable ref; unreadable ones are skipped and
+    reported, never fatal."""
     from tqdm import tqdm
 
     def read(ref):
@@ -183,8 +281,9 @@ def predict_refs(clf: Classifier, refs: Sequence, batch_size: int = 64, progress
             logits.append(clf.logits(np.stack(batch)))
         bar.update(len(chunk))
     bar.close()
-    z = np.concatenate(logits) if logits else np.zeros(0)
-    return Predictions(usable, clf.proba_from_logits(z), z, unusable)
+    n_classes = len(clf.classes)
+    z = np.concatenate(logits) if logits else np.zeros(0 if n_classes == 2 else (0, n_classes))
+    return Predictions(usable, clf.classes_proba_from_logits(z), z, unusable, clf.classes)
 
 
 def plot_predictions(preds: Predictions, out: Path, n: int = 24, title: str | None = None) -> Path:
@@ -192,8 +291,7 @@ def plot_predictions(preds: Predictions, out: Path, n: int = 24, title: str | No
     from asirra.plots import plot_image_grid
 
     shown = range(min(n, len(preds.refs)))
-    titles = [f"{preds.refs[i].name}: {describe(p)}"
-              for i, p in zip(shown, preds.p_dog)]
+    titles = [f"{preds.refs[i].name}: {describe_row(preds.proba[i], preds.classes)}" for i in shown]
     images = [read_pixels(preds.refs[i].read_bytes(), 160) for i in shown]
     return plot_image_grid(images, titles, out, title=title)
 
@@ -213,6 +311,36 @@ def write_submission(ids: Sequence[str], p_dog: np.ndarray, out: Path, proba: bo
             label = f"{np.clip(p, SUBMISSION_CLIP, 1 - SUBMISSION_CLIP):.6f}" if proba else int(predicted_labels(p))
             writer.writerow([image_id, label])
     return Path(out)
+
+
+def write_class_predictions(ids: Sequence[str], proba: np.ndarray, classes: Sequence[str], out: Path,
+                            with_proba: bool = False) -> Path:
+    """id,label with the predicted class NAME (any model), and with `with_proba` one p_<class> column per
+    class (unclipped: this is not a Kaggle leaderboard). Rows sorted by numeric id, as submissions are."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape != (len(ids), len(classes)):
+        raise ValueError(f"{len(ids)} ids and {len(classes)} classes but probabilities of shape {proba.shape}")
+    order = sorted(range(len(ids)), key=lambda i: _id_sort_key(ids[i]))
+    calls = predicted_index(proba) if len(ids) else np.zeros(0, np.int64)
+    with atomic_path(Path(out)) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label"] + ([f"p_{c}" for c in classes] if with_proba else []))
+        for i in order:
+            # 8 significant digits: a row of N printed probabilities still sums to 1 within 1e-7 * N.
+            writer.writerow([ids[i], classes[calls[i]]] + ([f"{p:.8g}" for p in proba[i]] if with_proba else []))
+    return Path(out)
+
+
+def write_predictions(preds: Predictions, out: Path, proba: bool = False) -> Path:
+    """The CSV `asirra predict` writes: Kaggle's cat/dog submission (id,label, 1 = dog; with `proba` clipped
+    P(dog)) for the cat/dog model, else id,label with the class name (with `proba`, p_<class> columns);
+    the id is the file's Kaggle id, or its path below the folder when those ids repeat."""
+    ids = [r.id for r in preds.refs]
+    if tuple(preds.classes) == CLASS_NAMES:
+        return write_submission(ids, preds.p_dog, out, proba=proba)
+    if len(set(ids)) < len(ids):  # class folders may each hold a 1.png: their paths below the root are unique
+        ids = [r.name for r in preds.refs]
+    return write_class_predictions(ids, preds.proba, preds.classes, out, with_proba=proba)
 
 
 def _id_sort_key(image_id: str):

@@ -8,23 +8,62 @@ run X" in any folder holding the same photos.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from asirra.data import DataError
 from asirra.fileio import write_json_atomic
 
 
-def stratified_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, validation) positions with each class's share kept in both."""
+def stratified_split(labels, val_fraction: float, seed: int,
+                     classes: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, validation) positions with each class's share kept in both.
+
+    `classes` names the labels (default: "0", "1", ... up to the largest label); a class with too
+    few images to split, or one the split leaves out of either side, is a DataError naming it.
+    """
     from sklearn.model_selection import train_test_split
 
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = _names(labels, classes)
+    check_class_counts(labels, classes, 2, "to split into training and validation")
     index = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(index, test_size=val_fraction, stratify=np.asarray(labels), random_state=seed)
+    try:
+        train_idx, val_idx = train_test_split(index, test_size=val_fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:  # e.g. fewer validation images than classes
+        raise DataError(f"cannot split {len(labels)} images of {len(classes)} classes with a validation share of "
+                        f"{val_fraction:g} ({exc})") from None
+    for side, positions in (("validation", val_idx), ("training", train_idx)):
+        missing = np.setdiff1d(np.arange(len(classes)), labels[positions])
+        if len(missing):
+            c = int(missing[0])
+            share = val_fraction if side == "validation" else 1 - val_fraction
+            raise DataError(f"class {classes[c]!r} has no {side} images: it has {int((labels == c).sum())}, and a "
+                            f"{side} share of {share:g} needs at least {math.ceil(1 / share)} per class")
     return np.sort(train_idx), np.sort(val_idx)
+
+
+def check_class_counts(labels, classes: Sequence[str], needed: int, why: str) -> None:
+    """DataError naming the first class with fewer than `needed` images (its count and the need)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    for name, count in zip(classes, counts):
+        if count < needed:
+            raise DataError(f"class {name!r} has {count} image{'' if count == 1 else 's'}; "
+                            f"at least {needed} per class are needed {why}")
+
+
+def _names(labels: np.ndarray, classes: Sequence[str] | None) -> tuple[str, ...]:
+    if classes is not None:
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"labels outside 0..{len(classes) - 1} for the {len(classes)} classes {list(classes)}")
+        return tuple(classes)
+    return tuple(str(i) for i in range(max(2, int(labels.max()) + 1 if len(labels) else 2)))
 
 
 def stratified_subset(labels, limit: int | None, seed: int) -> np.ndarray:
@@ -33,6 +72,9 @@ def stratified_subset(labels, limit: int | None, seed: int) -> np.ndarray:
         return np.arange(len(labels))
     from sklearn.model_selection import train_test_split
 
+    n_classes = len(np.unique(np.asarray(labels)))
+    if limit < n_classes:
+        raise DataError(f"a stratified subset of {limit} images cannot hold one of each of the {n_classes} classes")
     keep, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=np.asarray(labels), random_state=seed)
     return np.sort(keep)
 

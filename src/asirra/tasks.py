@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from asirra import CLASS_NAMES
 from asirra.augment import random_affine, to_float_batch
 from asirra.config import Strategy, TrainConfig
 from asirra.distributed import local_batch_size, rank_seed, shard
@@ -29,6 +30,7 @@ class Task(Protocol):
     """What `fit` needs from a strategy."""
 
     model: nn.Module  # the full model (saved as the checkpoint and the best model)
+    classes: tuple[str, ...]  # the class names in label order (recorded in model.json); cat/dog if absent
 
     def set_train_mode(self) -> None: ...
 
@@ -80,8 +82,9 @@ def prefetch(iterator, depth: int = 3):
 class PixelTask:
     """Train a whole network on augmented pixels read from the memory-mapped cache."""
 
-    def __init__(self, model: nn.Module, cached, train_idx, val_idx, config: TrainConfig):
-        self.model, self.cached, self.config = model, cached, config
+    def __init__(self, model: nn.Module, cached, train_idx, val_idx, config: TrainConfig,
+                 classes: Sequence[str] = CLASS_NAMES):
+        self.model, self.cached, self.config, self.classes = model, cached, config, tuple(classes)
         self.train_idx, self.val_idx = train_idx, val_idx
         self.labels = torch.as_tensor(cached.labels)
         if config.channels_last:
@@ -144,8 +147,8 @@ class CachedActivationTask:
     """Train the top of the backbone (or only the head) on cached activations of the frozen part."""
 
     def __init__(self, net: PretrainedClassifier, k: int | None, activations: np.ndarray, labels, train_idx, val_idx,
-                 config):
-        self.model, self.k, self.config = net, k, config
+                 config, classes: Sequence[str] = CLASS_NAMES):
+        self.model, self.k, self.config, self.classes = net, k, config, tuple(classes)
         self.activations = activations  # (n, views, ...) fp16 memmap
         self.labels = torch.as_tensor(labels)
         self.train_idx, self.val_idx = train_idx, val_idx
@@ -178,7 +181,8 @@ class CachedActivationTask:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.k is not None:
             h = self.model.backbone.features_from(h, self.k)
-        return self.model.head(h).squeeze(1)
+        z = self.model.head(h)
+        return z.squeeze(1) if z.shape[1] == 1 else z  # (n,) for one logit, (n, N) for N classes
 
     def train_step_logits(self, inputs):
         return self._logits(inputs)
@@ -206,11 +210,14 @@ class CachedActivationTask:
         return torch.cat(out), self.labels[self.val_idx]
 
 
-def make_task(cached, train_idx, val_idx, config: TrainConfig) -> Task:
-    """The task a strategy trains: whole network on pixels, or the top of a backbone on cached activations."""
+def make_task(cached, train_idx, val_idx, config: TrainConfig, classes: Sequence[str] = CLASS_NAMES) -> Task:
+    """The task a strategy trains: whole network on pixels, or the top of a backbone on cached activations.
+
+    The model's head has head_width(len(classes)) outputs: one logit for two classes, else one per class.
+    """
     if config.strategy == Strategy.scratch:
-        return PixelTask(model_for(config), cached, train_idx, val_idx, config)
-    net = model_for(config, pretrained=True)
+        return PixelTask(model_for(config, num_classes=len(classes)), cached, train_idx, val_idx, config, classes)
+    net = model_for(config, pretrained=True, num_classes=len(classes))
     if not isinstance(net, PretrainedClassifier):
         raise ValueError(f"strategy {config.strategy!r} needs a pretrained backbone ({', '.join(pretrained_models())}), "
                          f"not {config.model}")
@@ -222,6 +229,6 @@ def make_task(cached, train_idx, val_idx, config: TrainConfig) -> Task:
             raise ValueError(f"--unfreeze must be between 1 and {n_blocks}, got {config.unfreeze}")
         k = n_blocks - config.unfreeze
         if k == 0:
-            return PixelTask(net, cached, train_idx, val_idx, config)
+            return PixelTask(net, cached, train_idx, val_idx, config, classes)
     activations = cached_activations(net, k, cached, max(1, config.views), config)
-    return CachedActivationTask(net, k, activations, cached.labels, train_idx, val_idx, config)
+    return CachedActivationTask(net, k, activations, cached.labels, train_idx, val_idx, config, classes)

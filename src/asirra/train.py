@@ -5,6 +5,10 @@ strategies is a Task (asirra.tasks): how a batch is drawn and pushed through the
 of the model. What a run is made of is a TrainConfig (asirra.config); which images train and
 which validate is asirra.splits.
 
+Any labelled data set with N >= 2 classes trains (asirra.data.class_names): two classes keep one
+logit and binary cross-entropy (the cat/dog model, unchanged); N >= 3 train N logits with softmax
+cross-entropy. Both take --label-smoothing; the names are recorded in model.json ("classes").
+
 A run folder holds everything needed to trust or continue the run: config.json, env.json
 (versions, threads), split.json, metrics.csv, curves.png, checkpoint.pt (last epoch, for
 --resume), model/ (best epoch, safetensors + JSON), metrics.json (final validation) and
@@ -21,14 +25,15 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from asirra.calibration import apply_temperature, fit_temperature, predicted_labels
+from asirra import CLASS_NAMES
+from asirra.calibration import apply_temperature, fit_temperature, predicted_index, predicted_labels, probabilities
 from asirra.config import Schedule, TrainConfig
 from asirra.distributed import (agree, average_buffers, average_gradients, broadcast_parameters, main_first,
                                 main_only, sum_over_ranks, threads_per_process, world)
@@ -88,8 +93,8 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
         if improved:
             state.update(best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
             if world().is_main:
-                save_model(task.model, ModelConfig(config.model, input_size(config), options=config.model_options),
-                           run / "model")
+                save_model(task.model, ModelConfig(config.model, input_size(config), options=config.model_options,
+                                                   classes=list(task_classes(task))), run / "model")
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -117,7 +122,7 @@ def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             logits = task.train_step_logits(inputs)
         logits = logits.float()
-        loss = F.binary_cross_entropy_with_logits(logits, smoothed_targets(targets, config.label_smoothing))
+        loss = training_loss(logits, targets, config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(p for group in optimizer.param_groups for p in group["params"])
@@ -132,19 +137,38 @@ def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, 
     return total_loss / max(seen, 1), total_correct / max(seen, 1)
 
 
+def task_classes(task) -> tuple[str, ...]:
+    """The class names a task trains, in label order; a task that names none is cat/dog."""
+    return tuple(getattr(task, "classes", CLASS_NAMES))
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Binary cross-entropy on one logit (cat/dog, unchanged), softmax cross-entropy on N logits;
+    both with label smoothing (targets pulled towards the uniform distribution by `smoothing`)."""
+    if logits.ndim == 1:
+        return F.binary_cross_entropy_with_logits(logits, smoothed_targets(targets, smoothing))
+    return F.cross_entropy(logits, targets.long(), label_smoothing=smoothing)
+
+
 def smoothed_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Label smoothing for one logit: 0/1 targets pulled towards 0.5 by `smoothing`."""
     return targets.float() * (1 - smoothing) + 0.5 * smoothing
 
 
 def _n_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    return int((torch.from_numpy(predicted_labels(torch.sigmoid(logits).numpy())) == labels).sum())
+    if logits.ndim == 1:
+        return int((torch.from_numpy(predicted_labels(torch.sigmoid(logits).numpy())) == labels).sum())
+    return int((torch.from_numpy(predicted_index(probabilities(logits.numpy()))) == labels).sum())
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Unsmoothed log loss and accuracy of fp32 logits: what validation and early stopping watch."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()).item()
-    return loss, _n_correct(logits.float(), labels) / max(1, len(labels))
+    logits = logits.float()
+    if logits.ndim == 1:
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float()).item()
+    else:
+        loss = F.cross_entropy(logits, labels.long()).item()
+    return loss, _n_correct(logits, labels) / max(1, len(labels))
 
 
 def _make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
@@ -267,22 +291,35 @@ def reuse_freed_memory(enabled: bool = True) -> None:
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Build the run folder, the data and its split; fit; calibrate; write final metrics and plots."""
+    classes = dataset_classes(config)  # before anything is decoded: a bad layout fails in a second
     run = main_only(prepare_run, config, resume)
     timings = Timings()
     cached = main_first(load_pixels, config, run)  # one process per machine decodes into the cache, then the others
     agree(cached.keys, "images under --data")  # the split's positions must mean the same images on every rank
-    train_idx, val_idx = main_only(_split, run, cached, config, resume)
-    print(f"{len(train_idx)} training and {len(val_idx)} validation images "
+    train_idx, val_idx = main_only(_split, run, cached, config, resume, classes)
+    print(f"{len(train_idx)} training and {len(val_idx)} validation images of {len(classes)} classes "
           f"({len(cached.unusable)} unusable skipped); run folder {run}")
     timings.lap("decode_and_cache_pixels")
-    train_on(cached, train_idx, val_idx, config, run, resume=resume, timings=timings)
+    train_on(cached, train_idx, val_idx, config, run, resume=resume, timings=timings, classes=classes)
     return run
 
 
-def _split(run: Path, cached, config: TrainConfig, resume: bool) -> tuple[np.ndarray, np.ndarray]:
+def dataset_classes(config: TrainConfig) -> tuple[str, ...]:
+    """The class names of the config's data, in label order (asirra.data.class_names); two or more."""
+    from asirra.data import DataError, class_names
+
+    classes = class_names(config.data)
+    if len(classes) < 2:
+        raise DataError(f"no labelled images in {config.data}: expected cat.N.jpg/dog.N.jpg names or one "
+                        f"folder per class (two or more)")
+    return classes
+
+
+def _split(run: Path, cached, config: TrainConfig, resume: bool,
+           classes: Sequence[str] = CLASS_NAMES) -> tuple[np.ndarray, np.ndarray]:
     if resume and (run / "split.json").exists():
         return load_split(run, cached)
-    train_idx, val_idx = stratified_split(cached.labels, config.val_fraction, config.seed)
+    train_idx, val_idx = stratified_split(cached.labels, config.val_fraction, config.seed, classes)
     save_split(run, cached, train_idx, val_idx)
     return train_idx, val_idx
 
@@ -303,14 +340,18 @@ def load_pixels(config: TrainConfig, run: Path):
 
 
 def train_on(cached, train_idx, val_idx, config: TrainConfig, run: Path, resume: bool = False,
-             timings: "Timings | None" = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
+             timings: "Timings | None" = None, on_epoch: Callable[[dict], None] | None = None,
+             classes: Sequence[str] | None = None) -> dict:
     """Fit a fresh task on given train/validation positions of `cached`; calibrate; return final metrics.
 
-    The piece `train`, cross-validation and tuning share: each fold or trial is one call.
+    The piece `train`, cross-validation and tuning share: each fold or trial is one call. `classes`
+    (default: the config's data's class names) sizes the head and is recorded in model.json.
     """
     timings = timings or Timings()
+    classes = tuple(classes) if classes is not None else dataset_classes(config)
     torch.manual_seed(config.seed)  # the initial weights (and a transfer head) are part of what the seed fixes
-    task = main_first(make_task, cached, train_idx, val_idx, config)  # an activation cache is filled once per machine
+    # an activation cache is filled once per machine
+    task = main_first(make_task, cached, train_idx, val_idx, config, classes)
     timings.lap("backbone_features")
     fit(task, config, run, resume=resume, on_epoch=on_epoch)
     timings.lap("training")
@@ -322,8 +363,8 @@ def _conclude(run: Path, task, cached, val_idx, config: TrainConfig, timings: "T
     from asirra.plots import plot_curves
 
     plot_curves(run / "metrics.csv", run / "curves.png")
-    metrics, p_dog = finalize(run, task, config)
-    write_val_predictions(run, cached, val_idx, p_dog)
+    metrics, proba = finalize(run, task, config)
+    write_val_predictions(run, cached, val_idx, proba, task_classes(task))
     timings.lap("calibration_and_evaluation")
     write_json_atomic(run / "timings.json", timings.seconds)
     return metrics
@@ -345,9 +386,9 @@ class Timings:
 def finalize(run: Path, task, config: TrainConfig) -> tuple[dict, np.ndarray]:
     """Reload the best epoch, fit its temperature on validation, save it with its figures.
 
-    Returns the metrics and the calibrated P(dog) of each validation image, in validation order.
+    Returns the metrics and the calibrated probabilities of each validation image, in validation
+    order: P(dog) (1-D) for a one-logit model, (n, N) class probabilities for N classes.
     """
-    from asirra.evaluate import classification_metrics
     from asirra.models import load_model
 
     best, model_config = load_model(run / "model")
@@ -355,11 +396,13 @@ def finalize(run: Path, task, config: TrainConfig) -> tuple[dict, np.ndarray]:
     logits, labels = task.val_logits()
     logits, labels = logits.numpy().astype(np.float64), labels.numpy()
     temperature = float(fit_temperature(logits, labels))
-    before = classification_metrics(labels, apply_temperature(logits, 1.0))
-    after = classification_metrics(labels, apply_temperature(logits, temperature))
+    classes = task_classes(task)
+    before = validation_metrics(labels, logits, 1.0, classes)
+    after = validation_metrics(labels, logits, temperature, classes)
     model_config.temperature = temperature
     model_config.tta = config.tta
-    model_config.extra = {"train_config": config.to_dict(), "val": {k: after[k] for k in ("n", "accuracy", "log_loss", "auc")},
+    model_config.extra = {"train_config": config.to_dict(),
+                          "val": {k: after[k] for k in ("n", "accuracy", "log_loss", "auc", "macro_f1") if k in after},
                           "val_log_loss_uncalibrated": before["log_loss"]}
     save_model(task.model, model_config, run / "model")
     metrics = {"val": after, "val_uncalibrated": before, "temperature": temperature}
@@ -369,17 +412,36 @@ def finalize(run: Path, task, config: TrainConfig) -> tuple[dict, np.ndarray]:
     return metrics, apply_temperature(logits, temperature)
 
 
-def write_val_predictions(run: Path, cached, val_idx, p_dog: np.ndarray) -> Path:
-    """val_predictions.csv: content key, file name, label and calibrated P(dog) of every validation image.
+def validation_metrics(labels: np.ndarray, logits: np.ndarray, temperature: float,
+                       classes: Sequence[str] = CLASS_NAMES) -> dict:
+    """The run's validation figures at `temperature`: evaluate.classification_metrics (accuracy, log
+    loss, AUC, ...) for a one-logit model, as before; for N classes asirra.metrics.multiclass_metrics
+    (accuracy, top-k, macro-F1, log loss, per-class, confusion), with auc None."""
+    if np.ndim(logits) == 1:
+        from asirra.evaluate import classification_metrics
 
+        return classification_metrics(labels, apply_temperature(logits, temperature))
+    from asirra.metrics import multiclass_metrics
+
+    return {**multiclass_metrics(labels, probabilities(logits, temperature), classes), "auc": None}
+
+
+def write_val_predictions(run: Path, cached, val_idx, proba: np.ndarray,
+                          classes: Sequence[str] = CLASS_NAMES) -> Path:
+    """val_predictions.csv: content key, file name, label and calibrated probabilities of every validation image.
+
+    One-logit (cat/dog) models write P(dog) as `p_dog`; N-class models one column `p_<class>` per class.
     Cross-validation stitches these into out-of-fold predictions; anyone can look for label noise in them.
     """
     path = Path(run) / "val_predictions.csv"
+    proba = np.asarray(proba)
+    columns = ["p_dog"] if proba.ndim == 1 else [f"p_{name}" for name in classes]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["key", "name", "label", "p_dog"])
-        for i, p in zip(val_idx, p_dog):
-            writer.writerow([cached.keys[i], cached.refs[i].name, int(cached.labels[i]), f"{p:.6g}"])
+        writer.writerow(["key", "name", "label", *columns])
+        for i, p in zip(val_idx, proba):
+            writer.writerow([cached.keys[i], cached.refs[i].name, int(cached.labels[i]),
+                             *(f"{x:.6g}" for x in np.atleast_1d(p))])
     return path
 
 

@@ -347,7 +347,7 @@ class Objective:
         from asirra.fileio import write_json_atomic
         from asirra.models import input_size
         from asirra.splits import load_split, save_split, stratified_split
-        from asirra.train import load_pixels, prepare_run
+        from asirra.train import dataset_classes, load_pixels, prepare_run
 
         resume = (run / "checkpoint.pt").exists() and (run / "split.json").exists()
         if resume and json.loads((run / "config.json").read_text()) != config.to_dict():
@@ -362,7 +362,8 @@ class Objective:
             train_idx, val_idx = load_split(run, cached)
         else:
             # Exactly as `asirra train` splits: the best config reproduces its trial.
-            train_idx, val_idx = stratified_split(cached.labels, config.val_fraction, config.seed)
+            train_idx, val_idx = stratified_split(cached.labels, config.val_fraction, config.seed,
+                                                  dataset_classes(config))
             save_split(run, cached, train_idx, val_idx)
         return cached, train_idx, val_idx, resume
 
@@ -565,7 +566,7 @@ def evaluate_heldout(config: TrainConfig, best_run: Path, out: Path, n: int) -> 
     evaluation = evaluate_model(load_classifier(best_run), kept, out, seed=config.seed,
                                 info={"what": "best trial's model on held-out images outside the tuning subset"})
     r = evaluation.report.to_json()
-    return {"n": r["n"], "accuracy": r["accuracy"], "log_loss": r["log_loss"], "auc": r["auc"],
+    return {"n": r["n"], "accuracy": r["accuracy"], "log_loss": r["log_loss"], "auc": r.get("auc"),
             "challenge_solve_rate": r.get("challenge_solve_rate"), "dropped_duplicates": len(sample) - len(kept),
             "folder": str(out)}
 

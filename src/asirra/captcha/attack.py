@@ -285,6 +285,18 @@ def check_settings(url: str, n: int, concurrency: int, max_wait: float = DEFAULT
         raise AttackError(f"the wait budget must be 0 seconds or more, got {max_wait}")
 
 
+def aim(classifier, target: str = "cat"):
+    """`classifier` set to select every `target` image: a model without that class is refused in one line.
+
+    Solvers without class names (RandomGuesser, stand-ins with only .solve) can only answer "select every cat".
+    """
+    if hasattr(classifier, "select"):
+        return classifier.select(target)
+    if target != "cat":
+        raise AttackError(f"{getattr(classifier, 'name', type(classifier).__name__)} can only select cats")
+    return classifier
+
+
 def attack(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float = 30.0,
            max_wait: float = DEFAULT_MAX_WAIT, preprocess: Pipeline | None = None, progress: bool = False,
            transport: httpx.AsyncBaseTransport | None = None, clock: Clock = time.perf_counter,

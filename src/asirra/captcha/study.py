@@ -57,6 +57,7 @@ FARM_PRICE_PER_THOUSAND = (0.5, 3.0)
 # What the bot's machine costs per hour: a 2-vCPU cloud instance, roughly (an assumption, stated
 # in the report; override with --machine-cost).
 MACHINE_COST_PER_HOUR = 0.10
+SCORE_BATCH = 32  # served images per classifier call when scoring a cell
 CLEAN = "none"  # the method name of the epsilon-0 row: no hardening at all
 
 
@@ -376,7 +377,12 @@ def _cached_served(folder: Path, refs: list, seed: int) -> list[tuple[bytes, int
 
 def score_cell(classifier, pipeline, served: list[tuple[bytes, int, str]]) -> dict:
     """Per-image accuracy on the served bytes, its Wilson interval, and the p^12 it implies."""
-    flags = classifier.solve(pipeline.apply_all([data for data, _, _ in served]))
+    # In batches: one call on 300 images at 300 px grows ONNX Runtime's arena by gigabytes per model,
+    # and a study holds several models (it was OOM-killed at 21 GB that way).
+    flags = []
+    for start in range(0, len(served), SCORE_BATCH):
+        chunk = served[start:start + SCORE_BATCH]
+        flags += classifier.solve(pipeline.apply_all([data for data, _, _ in chunk]))
     correct = sum(bool(flag) == (label == CAT) for flag, (_, label, _) in zip(flags, served))
     n = len(served)
     low, high = wilson_interval(correct, n)
@@ -494,11 +500,11 @@ def run_study(data: str | os.PathLike, out: str | os.PathLike, config: StudyConf
         lap("serve_and_fetch")
         similar = similarity_summary(records, pool_summary)
         mine = []
-        for attacker, classifier in attackers.items():
-            for spec, pipeline in pipelines.items():
-                row = {"method": method, "epsilon": eps, "attacker": attacker, "preprocess": spec,
-                       **score_cell(classifier, pipeline, served), **similar}
-                mine.append(row)
+        pairs = [(a, spec) for a in attackers for spec in pipelines]
+        for attacker, spec in tqdm(pairs, desc=f"scoring {name}", unit="cell", file=sys.stderr, leave=False):
+            classifier, pipeline = attackers[attacker], pipelines[spec]
+            mine.append({"method": method, "epsilon": eps, "attacker": attacker, "preprocess": spec,
+                         **score_cell(classifier, pipeline, served), **similar})
         lap("score")
         best = max(mine, key=lambda r: (r["accuracy"], -config.preprocess.index(r["preprocess"])))
         for row in mine:
@@ -539,10 +545,11 @@ def goal_check(cells: list[dict], live: list[dict]) -> dict:
     met = [r for r in rows if r["meets"]]
     # How close: the lowest pass rate among settings people can still see (SSIM ok), else overall.
     hardened = [r for r in rows if r["epsilon"] != 0]
-    seeable = [r for r in hardened if r["ssim_median"] >= GOAL_SSIM] or hardened
-    closest = min(seeable, key=lambda r: r["pass_rate"]) if seeable else None
+    seeable = [r for r in hardened if r["ssim_median"] >= GOAL_SSIM]
+    candidates = seeable or hardened
+    closest = min(candidates, key=lambda r: r["pass_rate"]) if candidates else None
     return {"pass_rate_at_most": GOAL_PASS_RATE, "ssim_median_at_least": GOAL_SSIM, "met": bool(met),
-            "settings": rows, "closest": closest}
+            "settings": rows, "closest": closest, "closest_keeps_ssim": bool(seeable)}
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -609,8 +616,10 @@ def report_markdown(result: StudyResult, config: StudyConfig, hidden: list, craf
                                                  f"{r['source']}, SSIM {r['ssim_median']:.3f})" for r in winners))
     else:
         closest = goal["closest"]
+        among = f"with median SSIM >= {GOAL_SSIM}" if goal["closest_keeps_ssim"] else \
+            f"(no setting kept median SSIM >= {GOAL_SSIM})"
         lines.append("**Not met** by any setting studied." + (
-            f" Closest with median SSIM >= {GOAL_SSIM}: {_setting(closest)}, "
+            f" Closest {among}: {_setting(closest)}, "
             f"{closest['attacker']} + {closest['preprocess']} passes {_pct(closest['pass_rate'])} "
             f"[{_pct(closest['pass_low'])}, {_pct(closest['pass_high'])}] ({closest['source']}), SSIM "
             f"{closest['ssim_median']:.3f}." if closest else ""))
