@@ -375,6 +375,11 @@ def _cached_served(folder: Path, refs: list, seed: int) -> list[tuple[bytes, int
 # ---- scoring ------------------------------------------------------------------------------
 
 
+def _file_part(text: str) -> str:
+    """An attacker or counter-move name as part of a file name ("jpeg:75,median:3" -> "jpeg75,median3")."""
+    return text.replace("/", "_").replace(":", "")
+
+
 def score_cell(classifier, pipeline, served: list[tuple[bytes, int, str]]) -> dict:
     """Per-image accuracy on the served bytes, its Wilson interval, and the p^12 it implies."""
     # In batches: one call on 300 images at 300 px grows ONNX Runtime's arena by gigabytes per model,
@@ -502,9 +507,14 @@ def run_study(data: str | os.PathLike, out: str | os.PathLike, config: StudyConf
         mine = []
         pairs = [(a, spec) for a in attackers for spec in pipelines]
         for attacker, spec in tqdm(pairs, desc=f"scoring {name}", unit="cell", file=sys.stderr, leave=False):
-            classifier, pipeline = attackers[attacker], pipelines[spec]
-            mine.append({"method": method, "epsilon": eps, "attacker": attacker, "preprocess": spec,
-                         **score_cell(classifier, pipeline, served), **similar})
+            # Cached per cell: the out folder pins the pool, the served bytes and every attacker's build.
+            path = out / "scores" / f"{name}--{_file_part(attacker)}--{_file_part(spec)}.json"
+            if path.exists():
+                score = json.loads(path.read_text())
+            else:
+                score = score_cell(attackers[attacker], pipelines[spec], served)
+                write_json_atomic(path, score)
+            mine.append({"method": method, "epsilon": eps, "attacker": attacker, "preprocess": spec, **score, **similar})
         lap("score")
         best = max(mine, key=lambda r: (r["accuracy"], -config.preprocess.index(r["preprocess"])))
         for row in mine:
@@ -512,7 +522,7 @@ def run_study(data: str | os.PathLike, out: str | os.PathLike, config: StudyConf
         cells += mine
         targets = mine if config.headline == "all" else [best] if config.headline == "strongest" else []
         for row in targets:
-            path = out / "live" / f"{name}--{row['attacker'].replace('/', '_')}--{row['preprocess'].replace(':', '')}.json"
+            path = out / "live" / f"{name}--{_file_part(row['attacker'])}--{_file_part(row['preprocess'])}.json"
             if path.exists():
                 result = json.loads(path.read_text())
             else:
