@@ -48,6 +48,12 @@ def write_image(path: Path, size=(48, 40), color=(200, 90, 40), mode="RGB", form
 
 
 @pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Pixel and activation caches in the test's own folder, never the user's."""
+    monkeypatch.setenv("ASIRRA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
 def make_image():
     """write_image as a fixture: make_image(path, size=(w, h), color=(r, g, b), mode=..., format=...)."""
     return write_image

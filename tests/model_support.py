@@ -82,3 +82,15 @@ def save_spread_model(folder: Path, name: str = "seed-cnn", temperature: float =
         head.weight *= 3.0 / z.std()
         head.bias -= model(x).mean()
     return save_model(model, ModelConfig(name, size, temperature=temperature), folder)
+
+
+def run_cli(*args):
+    """`asirra ARGS...` in-process; the result, after asserting it succeeded (its output on failure)."""
+    from typer.testing import CliRunner
+
+    from asirra.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+

@@ -5,42 +5,30 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from asirra.cache import content_key
-from asirra.cli import app
 from asirra.data import scan
 from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, predict_refs
 from asirra.splits import stratified_subset
+from model_support import run_cli
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ASIRRA_CACHE", str(tmp_path / "cache"))
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
 
 
 def test_train_evaluate_and_submit_on_shared_data(shared_data, tmp_path):
     model = tmp_path / "run"
-    run("train", "--data", shared_data / "train", "--out", model, "--limit", 300, "--epochs", 1)
+    run_cli("train", "--data", shared_data / "train", "--out", model, "--limit", 300, "--epochs", 1)
     assert (model / "model" / "model.safetensors").is_file()
     assert len(json.loads((model / "split.json").read_text())["val"]) == 60
 
     # Its own validation images: content keys recorded at training time pick them out of the full set.
-    report = json.loads(run("evaluate", shared_data / "train", "--model", model, "--split", model, "--json",
+    report = json.loads(run_cli("evaluate", shared_data / "train", "--model", model, "--split", model, "--json",
                             "--out", tmp_path / "eval", "--challenges", 1000).stdout)
     assert report["n"] == 60
     assert 0 <= report["accuracy"] <= 1 and np.isfinite(report["log_loss"])
     assert (tmp_path / "eval" / "roc.png").is_file()
 
-    run("predict", shared_data / "test1", "--model", model, "--out", tmp_path / "submission.csv")
+    run_cli("predict", shared_data / "test1", "--model", model, "--out", tmp_path / "submission.csv")
     with open(tmp_path / "submission.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "label"]

@@ -327,3 +327,11 @@ def test_data_show_titles_images_with_their_class_names(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["data", "show", str(root), "--out", str(tmp_path / "grid.png"), "--n", "6"])
     assert result.exit_code == 0, result.output
     assert sorted(c.split()[0] for c in seen["captions"]) == ["blue", "blue", "green", "green", "red", "red"]
+
+
+def test_check_without_the_class_names_of_a_many_class_set_is_a_clear_error(tmp_path):
+    from asirra.data import ImageRef, check
+
+    refs = [ImageRef(str(tmp_path / f"{i}.png"), label, str(i)) for i, label in enumerate([0, 1, 2])]
+    with pytest.raises(DataError, match="labels go up to 2 but 2 class names"):
+        check(refs, progress=False)

@@ -11,23 +11,12 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from asirra.cli import app
 from asirra.sample_data import SampleDataError, write_digits
+from model_support import run_cli
 
 DIGITS = [str(d) for d in range(10)]
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ASIRRA_CACHE", str(tmp_path / "cache"))
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def read_csv(path):
@@ -36,7 +25,7 @@ def read_csv(path):
 
 
 def test_write_digits_gives_ten_class_folders_of_real_images(tmp_path):
-    out = run("data", "digits", "--out", tmp_path / "digits", "--size", 16).stdout
+    out = run_cli("data", "digits", "--out", tmp_path / "digits", "--size", 16).stdout
     assert "1797 images in 10 classes" in out
     counts = {d: len(list((tmp_path / "digits" / d).glob("*.png"))) for d in DIGITS}
     assert sum(counts.values()) == 1797 and min(counts.values()) >= 170
@@ -62,15 +51,15 @@ def test_write_digits_refuses_bad_arguments(tmp_path):
 @pytest.mark.slow
 def test_digits_train_evaluate_predict_export_and_onnx_agrees(tmp_path):
     digits = tmp_path / "digits"
-    assert "1797 images in 10 classes" in run("data", "digits", "--out", digits, "--size", 16).stdout
+    assert "1797 images in 10 classes" in run_cli("data", "digits", "--out", digits, "--size", 16).stdout
     model = tmp_path / "run"
     # No mirroring (augmentation flips, TTA averages with the mirror image): a mirrored 2 is not a 2.
-    run("train", "--data", digits, "--model", "seed-cnn", "--image-size", 16, "--epochs", 4, "--batch-size", 64,
+    run_cli("train", "--data", digits, "--model", "seed-cnn", "--image-size", 16, "--epochs", 4, "--batch-size", 64,
         "--no-augment", "--no-tta", "--out", model)
     config = json.loads((model / "model" / "model.json").read_text())
     assert config["classes"] == DIGITS
 
-    report = json.loads(run("evaluate", digits, "--model", model, "--split", model, "--backend", "torch",
+    report = json.loads(run_cli("evaluate", digits, "--model", model, "--split", model, "--backend", "torch",
                             "--no-explain", "--json", "--out", tmp_path / "eval").stdout)
     assert report["classes"] == DIGITS
     assert np.array(report["confusion"]).shape == (10, 10)
@@ -88,16 +77,16 @@ def test_digits_train_evaluate_predict_export_and_onnx_agrees(tmp_path):
     for digit in DIGITS:
         for path in sorted((digits / digit).glob("*.png"))[:6]:
             shutil.copy(path, flat / path.name)
-    run("predict", flat, "--model", model, "--backend", "torch", "--proba", "--out", tmp_path / "torch.csv")
+    run_cli("predict", flat, "--model", model, "--backend", "torch", "--proba", "--out", tmp_path / "torch.csv")
     rows = read_csv(tmp_path / "torch.csv")
     assert rows[0] == ["id", "label", *(f"p_{d}" for d in DIGITS)]
     assert len(rows) == 61 and {r[1] for r in rows[1:]} <= set(DIGITS)
     proba = np.array([[float(x) for x in r[2:]] for r in rows[1:]])
     assert np.allclose(proba.sum(axis=1), 1, atol=1e-4)
 
-    run("export", "--model", model)
+    run_cli("export", "--model", model)
     assert (model / "model" / "model.onnx").is_file()
-    run("predict", flat, "--model", model, "--backend", "onnx", "--proba", "--out", tmp_path / "onnx.csv")
+    run_cli("predict", flat, "--model", model, "--backend", "onnx", "--proba", "--out", tmp_path / "onnx.csv")
     onnx_rows = read_csv(tmp_path / "onnx.csv")
     assert [r[:2] for r in onnx_rows] == [r[:2] for r in rows]  # same ids, same calls
     onnx_proba = np.array([[float(x) for x in r[2:]] for r in onnx_rows[1:]])

@@ -428,6 +428,10 @@ def check(refs: Sequence[ImageRef], workers: int = 2, progress: bool = True,
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         outcomes = list(tqdm(pool.map(_decoded_size, refs), total=len(refs), desc="checking images",
                              unit="img", file=sys.stderr, disable=not progress))
+    labels = {ref.label for ref in refs if ref.label is not None}
+    if labels and max(labels) >= len(classes):
+        raise DataError(f"labels go up to {max(labels)} but {len(classes)} class names were given "
+                        f"({', '.join(classes)}); pass the data set's class_names(path)")
     per_class = dict.fromkeys((*classes, "unlabelled"), 0)
     for ref in refs:
         per_class["unlabelled" if ref.label is None else classes[ref.label]] += 1
