@@ -88,15 +88,11 @@ ORT_SETTINGS = {  # name -> (intra-op threads, allow spinning); export.onnx_sess
 
 def bench_ort_settings(clf, challenges: list[list[bytes]]) -> list[dict]:
     """The network alone on one challenge's pixels, per ONNX Runtime thread setting."""
-    import onnxruntime as ort
+    from asirra.export import onnx_session
 
-    sessions = {}
-    for name, (threads, spinning) in ORT_SETTINGS.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        sessions[name] = ort.InferenceSession(str(clf.onnx_path()), options, providers=["CPUExecutionProvider"])
+    # The package's own session settings (exact int8 kernels on CPUs without VNNI included), per threading.
+    sessions = {name: onnx_session(clf.onnx_path(), threads=threads or None, spinning=spinning)
+                for name, (threads, spinning) in ORT_SETTINGS.items()}
     input_name = next(iter(sessions.values())).get_inputs()[0].name
     feeds = [{input_name: np.ascontiguousarray(clf.pixels(c).transpose(0, 3, 1, 2), dtype=np.float32)} for c in challenges]
     times = {name: [] for name in sessions}

@@ -193,3 +193,14 @@ def test_seed_cnn_architecture_options_reach_the_saved_model(data, tmp_path):
     assert config.image_size == 64 and config.options == {"widths": [8, 16], "dense": 32, "batch_norm": False}
     assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == [8, 16]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_bf16_autocast_defaults_to_what_the_cpu_computes_natively():
+    import torch
+
+    from asirra.config import TrainConfig
+    from asirra.train import use_bf16
+
+    assert TrainConfig(data="d", out="o").bf16 is None
+    assert use_bf16(None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert use_bf16(True) and not use_bf16(False)  # an explicit setting is obeyed

@@ -64,7 +64,9 @@ class TrainConfig:
     tta: bool = False  # validate (and predict) on the mean of original and mirrored logits
     limit: int | None = None  # stratified subset of the data, for quick runs
     channels_last: bool = True
-    bf16: bool = True  # autocast matmuls and convs to bfloat16 (AVX-512-BF16 CPUs)
+    # Autocast matmuls and convs to bfloat16. None: only where the CPU has native bf16 (AVX-512-BF16,
+    # AMX); elsewhere it is emulated and a seed-cnn step ran 6x slower than fp32 (an AVX2 EPYC).
+    bf16: bool | None = None
     compile: bool = False
     workers: int = 2
     cache_dir: str | None = None

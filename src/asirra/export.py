@@ -54,8 +54,8 @@ def quantize_beside_weights(module: nn.Module, folder: Path, calibration: np.nda
     """model.int8.onnx: weights int8 per channel, activations uint8 with ranges measured on `calibration`.
 
     Static quantization (QDQ) of the fp32 export. The Lite networks were designed for it (ReLU6,
-    no squeeze-excite): on this machine's AVX-512 VNNI cores it runs ~2x faster at the same
-    validation accuracy (README).
+    no squeeze-excite): on AVX-512 VNNI cores it runs ~2x faster at the same validation accuracy
+    (README). CPUs without VNNI need onnx_session's exact kernels to compute what this file says.
     `calibration` is uint8 pixels (N, S, S, 3) of typical images; a few hundred suffice.
     """
     import tempfile
@@ -133,7 +133,7 @@ def onnx_beside_weights(module: nn.Module, folder: Path | None, backend: str = "
     return path if fresh else None
 
 
-def onnx_session(path: Path, threads: int | None = None):
+def onnx_session(path: Path, threads: int | None = None, spinning: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -141,7 +141,12 @@ def onnx_session(path: Path, threads: int | None = None):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # Idle threads sleep rather than spin: faster on 2 busy cores (benchmarks/README.md).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # x86 CPUs without VNNI (AVX2 only, as AMD EPYC before Zen 4) multiply uint8 by int8 with vpmaddubsw,
+    # whose 16-bit pair sums saturate: the int8 Lite networks then drift far from what their QDQ graph
+    # says (logit correlation 0.77 on the int8 test's model). This makes ONNX Runtime use exact uint8 x uint8
+    # kernels on those CPUs only; VNNI CPUs keep their fast path, fp32 models are untouched.
+    options.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -113,13 +113,18 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
     return state
 
 
+def use_bf16(setting: bool | None) -> bool:
+    """TrainConfig.bf16 resolved: None means autocast only where the CPU computes bfloat16 natively."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported() if setting is None else bool(setting)
+
+
 def _train_one_epoch(task, optimizer, scheduler, config, epoch) -> tuple[float, float]:
     task.set_train_mode()
     total_loss = total_correct = seen = 0
     bar = tqdm(task.train_batches(epoch), total=math.ceil(task.n_train() / config.batch_size),
                desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for inputs, targets in bar:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(config.bf16)):
             logits = task.train_step_logits(inputs)
         logits = logits.float()
         loss = training_loss(logits, targets, config.label_smoothing)
