@@ -696,6 +696,9 @@ def write_plots(result: StudyResult, out: Path) -> dict:
     # Distortion baselines have no epsilon axis: they are in the report's tables, not on these curves.
     methods = sorted({c["method"] for c in cells if c["method"] != CLEAN and c["epsilon"] is not None}) or [CLEAN]
     series = sorted({(c["attacker"], c["preprocess"]) for c in cells})
+    attackers = sorted({a for a, _ in series})
+    moves = sorted({m for _, m in series})
+    styles = ("-", "--", ":", "-.")
 
     def line(method, attacker, spec, key):
         rows = sorted((c for c in cells if c["attacker"] == attacker and c["preprocess"] == spec
@@ -711,8 +714,11 @@ def write_plots(result: StudyResult, out: Path) -> dict:
             ax = fig.add_subplot(1, len(methods), i + 1)
             for attacker, spec in series:
                 x, y, low, high = line(method, attacker, spec, key)
-                ax.plot(x, y, marker="o", label=f"{Path(attacker).name} + {spec}")
-                ax.fill_between(x, low, high, alpha=0.15)
+                # One colour per attacker, one line style per counter-move: 15 series stay readable.
+                colour = f"C{attackers.index(attacker) % 10}"
+                ax.plot(x, y, marker="o", color=colour, linestyle=styles[moves.index(spec) % len(styles)],
+                        label=f"{Path(attacker).name} + {spec}")
+                ax.fill_between(x, low, high, color=colour, alpha=0.08)
             if key == "p12":
                 for r in (r for r in result.live if r["method"] in (method, CLEAN) and r["solve_rate"] is not None):
                     lo, hi = r["solve_rate_ci"]
