@@ -206,24 +206,34 @@ def plot_reliability(
     series = [(labels[0], np.asarray(p_dog, dtype=float))]
     if p_dog_after is not None:
         series.append((labels[1], np.asarray(p_dog_after, dtype=float)))
-    fig = Figure(figsize=(5, 6), layout="constrained")
-    curve_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    curve_ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    fig, curve_ax, count_ax = _reliability_figure()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     for name, probs in series:
         observed, predicted = calibration_curve(y_true, probs, n_bins=n_bins, strategy="uniform")
         curve_ax.plot(predicted, observed, "-o", markersize=4, label=name)
         count_ax.hist(probs, bins=edges, histtype="step", linewidth=1.5, label=name)
-    curve_ax.set_ylabel("observed fraction of dogs")
-    curve_ax.set_xlim(0, 1)
-    curve_ax.set_ylim(0, 1)
-    curve_ax.set_title("reliability diagram")
-    curve_ax.legend(loc="upper left", fontsize=8)
-    curve_ax.grid(alpha=0.3)
+    _finish_reliability_curve(curve_ax, "observed fraction of dogs", "reliability diagram")
     count_ax.set_yscale("log")
     count_ax.set_xlabel("predicted P(dog)")
     count_ax.set_ylabel("images")
     return save_figure(fig, out)
+
+
+def _reliability_figure():
+    """(figure, curve axes with the diagonal drawn, count axes below): the layout both diagrams share."""
+    fig = Figure(figsize=(5, 6), layout="constrained")
+    curve_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    curve_ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    return fig, curve_ax, count_ax
+
+
+def _finish_reliability_curve(ax, ylabel: str, title: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def plot_confidence_reliability(bins: Sequence[dict], out: Path) -> Path:
@@ -233,19 +243,12 @@ def plot_confidence_reliability(bins: Sequence[dict], out: Path) -> Path:
     diagram only draws them, so the plotted points are exactly the ECE's terms.
     """
     filled = [b for b in bins if b["count"]]
-    fig = Figure(figsize=(5, 6), layout="constrained")
-    curve_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    curve_ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    fig, curve_ax, count_ax = _reliability_figure()
     curve_ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "-o", markersize=4,
                   label="model")
     count_ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
                  width=[b["high"] - b["low"] for b in bins], fill=False, edgecolor="C0")
-    curve_ax.set_ylabel("accuracy of the top-1 call")
-    curve_ax.set_xlim(0, 1)
-    curve_ax.set_ylim(0, 1)
-    curve_ax.set_title("reliability diagram (top-1 confidence)")
-    curve_ax.legend(loc="upper left", fontsize=8)
-    curve_ax.grid(alpha=0.3)
+    _finish_reliability_curve(curve_ax, "accuracy of the top-1 call", "reliability diagram (top-1 confidence)")
     if any(b["count"] for b in bins):
         count_ax.set_yscale("log")
     count_ax.set_xlabel("confidence (probability of the predicted class)")
