@@ -375,6 +375,33 @@ def _cached_served(folder: Path, refs: list, seed: int) -> list[tuple[bytes, int
 # ---- scoring ------------------------------------------------------------------------------
 
 
+def _adaptive_attackers(out: Path, setting: str, pool: Path, config: StudyConfig) -> tuple[dict, list[dict]]:
+    """The adaptive rungs built on one setting's defended crafting pool -> ({name: classifier}, [why not])."""
+    built, failed = {}, []
+    for attacker in (a for a in config.attackers if is_adaptive(a)):
+        try:
+            built[attacker] = load_attacker(attacker, out / "attackers" / f"{attacker}--{setting}", pool, config)
+        except LadderError as exc:  # e.g. passed-challenges when the shipped model passes nothing
+            failed.append({"attacker": attacker, "reason": str(exc)})
+    return built, failed
+
+
+def _scores(out: Path, setting: str, attackers: dict, pipelines: dict, served: list) -> list[tuple[str, str, dict]]:
+    """(attacker, counter-move, score_cell) for every pair, cached per cell: the out folder pins the
+    pool, the served bytes and every attacker's build, so a cached score is the score."""
+    rows = []
+    pairs = [(a, spec) for a in attackers for spec in pipelines]
+    for attacker, spec in tqdm(pairs, desc=f"scoring {setting}", unit="cell", file=sys.stderr, leave=False):
+        path = out / "scores" / f"{setting}--{_file_part(attacker)}--{_file_part(spec)}.json"
+        if path.exists():
+            score = json.loads(path.read_text())
+        else:
+            score = score_cell(attackers[attacker], pipelines[spec], served)
+            write_json_atomic(path, score)
+        rows.append((attacker, spec, score))
+    return rows
+
+
 def _file_part(text: str) -> str:
     """An attacker or counter-move name as part of a file name ("jpeg:75,median:3" -> "jpeg75,median3")."""
     return text.replace("/", "_").replace(":", "")
@@ -491,30 +518,18 @@ def run_study(data: str | os.PathLike, out: str | os.PathLike, config: StudyConf
         refs, records, pool_summary = _harden(hidden, out / "pools" / name, craft_dir, method, eps, surrogates, config)
         lap("harden")
         attackers = dict(fixed)
-        adaptive = [a for a in config.attackers if is_adaptive(a)]
-        if adaptive:
+        if any(is_adaptive(a) for a in config.attackers):
             pool = _attacker_pool(learn_from, out, craft_dir, method, eps, surrogates, config)
             lap("harden_attacker_pool")
-            for attacker in adaptive:
-                try:
-                    attackers[attacker] = load_attacker(attacker, out / "attackers" / f"{attacker}--{name}", pool, config)
-                except LadderError as exc:  # e.g. passed-challenges when the shipped model passes nothing
-                    unbuilt.append({"method": method, "epsilon": eps, "attacker": attacker, "reason": str(exc)})
+            built, failed = _adaptive_attackers(out, name, pool, config)
+            attackers.update(built)
+            unbuilt += [{"method": method, "epsilon": eps, **f} for f in failed]
             lap("attackers")
         served = _cached_served(out / "served" / name, refs, config.seed)
         lap("serve_and_fetch")
         similar = similarity_summary(records, pool_summary)
-        mine = []
-        pairs = [(a, spec) for a in attackers for spec in pipelines]
-        for attacker, spec in tqdm(pairs, desc=f"scoring {name}", unit="cell", file=sys.stderr, leave=False):
-            # Cached per cell: the out folder pins the pool, the served bytes and every attacker's build.
-            path = out / "scores" / f"{name}--{_file_part(attacker)}--{_file_part(spec)}.json"
-            if path.exists():
-                score = json.loads(path.read_text())
-            else:
-                score = score_cell(attackers[attacker], pipelines[spec], served)
-                write_json_atomic(path, score)
-            mine.append({"method": method, "epsilon": eps, "attacker": attacker, "preprocess": spec, **score, **similar})
+        mine = [{"method": method, "epsilon": eps, "attacker": attacker, "preprocess": spec, **score, **similar}
+                for attacker, spec, score in _scores(out, name, attackers, pipelines, served)]
         lap("score")
         best = max(mine, key=lambda r: (r["accuracy"], -config.preprocess.index(r["preprocess"])))
         for row in mine:
