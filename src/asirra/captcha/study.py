@@ -178,18 +178,16 @@ def _record_split(out: Path, hidden: list, craft: list, config: StudyConfig) -> 
 
 def _surrogate_share(craft: list, limit: int | None, seed: int) -> tuple[list, list]:
     """(the crafting images the surrogates train on, the rest): a seeded stratified subset."""
+    chosen = _subset(craft, limit, seed)
+    taken = {r.source for r in chosen}
+    return chosen, [r for r in craft if r.source not in taken]
+
+
+def _subset(refs: list, limit: int | None, seed: int) -> list:
+    """A seeded stratified subset of `refs` in their own order (all of them without a limit)."""
     from asirra.splits import stratified_subset
 
-    if not limit or limit >= len(craft):
-        return list(craft), []
-    chosen = set(stratified_subset(np.array([r.label for r in craft]), limit, seed).tolist())
-    return [r for i, r in enumerate(craft) if i in chosen], [r for i, r in enumerate(craft) if i not in chosen]
-
-
-def _subset(refs: list, limit: int, seed: int) -> list:
-    from asirra.splits import stratified_subset
-
-    if limit >= len(refs):
+    if not limit or limit >= len(refs):
         return list(refs)
     return [refs[i] for i in sorted(stratified_subset(np.array([r.label for r in refs]), limit, seed).tolist())]
 
