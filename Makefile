@@ -10,7 +10,7 @@ DATA   ?= ../shared/datasets/dogs-vs-cats
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[serve,tune,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,7 +11,7 @@ cat/dog.{crafting-ids}..{crafting-ids + 31} (linked into OUT/crafting; never a s
 The pool is cat.0..cat.{ids-1} and dog.0..dog.{ids-1} of --data (Kaggle's realistic photos, at their
 native resolution), linked (never copied) into OUT/pool. Each method hardens it at its default
 settings (`asirra captcha harden`, resumable: a rerun reuses finished images). Every image is then
-served once as the service serves it (service.render_jpeg: random crop, size, JPEG quality) and read
+served once as the service serves it (asirra.captcha.rendering: random crop, size, JPEG quality) and read
 by the shipped model, which gives per-image accuracy and its pooled backbone features.
 
 The label-leak probe (the issue's calibration run) splits the pool by id: even ids train, odd ids
@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from report import table  # benchmarks/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +58,10 @@ def served_features(paths: list[Path], seed: int, net_backbone, head) -> tuple[n
     """(pooled features, logits) of the shipped model on one served copy of each image."""
     import torch
 
-    from asirra.captcha.service import ServiceSettings, render_jpeg
+    from asirra.captcha.rendering import RenderSettings, render_jpeg
     from asirra.images import load_image, read_pixels
 
-    settings = ServiceSettings()
+    settings = RenderSettings()
     feats = []
     for start in range(0, len(paths), 32):
         batch = []
@@ -100,7 +99,7 @@ def noise_features(pairs: list[tuple[Path, Path]], eps: int, net_backbone) -> np
 
 def random_sign_pool(refs, out: Path, eps: int, seed: int):
     """The control: +-eps uniform random signs per pixel, no model involved."""
-    from asirra.captcha.derived_pool import derive_pool
+    from asirra.captcha.defend.derived_pool import derive_pool
 
     def make(original, key, ref):
         rng = np.random.default_rng(int(key[:15], 16) ^ seed)
@@ -135,12 +134,11 @@ def main() -> None:
     parser.add_argument("--crafting-ids", type=int, default=200, help="first id of the 32 per class the universal methods craft on")
     args = parser.parse_args()
 
-    import torch
 
-    from asirra.captcha.harden import HardenConfig, harden_pool, load_surrogates, parse_epsilon
+    from asirra.captcha.defend.config import HardenConfig, parse_epsilon
+    from asirra.captcha.defend.harden import harden_pool, load_surrogates
     from asirra.data import scan
-    from asirra.models import load_model
-    from asirra.predict import DEFAULT_MODEL_DIR
+    from asirra.models import DEFAULT_MODEL_DIR, load_model
 
     os.environ.setdefault("ASIRRA_SURROGATES", str(ROOT / "runs/surrogates"))
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from report import table  # benchmarks/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["ASIRRA_CACHE"] = args.cache_dir  # before asirra reads it
 
-    from asirra.data import DataError, scan
+    from asirra.data import scan
+    from asirra.errors import DataError
     from asirra.predict import load_classifier
 
     try:

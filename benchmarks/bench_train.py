@@ -39,15 +39,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from report import table  # benchmarks/report.py, beside this script
 
 from asirra.cache import PixelCache
-from asirra.data import DataError, scan
-from asirra.models import create_model
 from asirra.config import TrainConfig
+from asirra.data import scan
+from asirra.errors import DataError
+from asirra.models import create_model
 from asirra.tasks import PixelTask
 from asirra.train import _train_one_epoch, reuse_freed_memory
-
-from report import table  # benchmarks/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"

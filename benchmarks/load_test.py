@@ -38,7 +38,9 @@ REQUESTS_PER_CHALLENGE = 14
 def build_config(data: str, pool_size: int, max_challenges: int, secret_file: str) -> dict:
     """What every server process builds its app from: the same pool and settings for both stores."""
     from asirra.captcha.safeguards import make_safeguard
-    from asirra.captcha.service import ServiceSettings, usable_pool, worker_config
+    from asirra.captcha.service.app import usable_pool
+    from asirra.captcha.service.run import worker_config
+    from asirra.captcha.service.settings import ServiceSettings
     from asirra.data import scan
 
     refs = scan(data, labelled=True)
@@ -50,7 +52,7 @@ def build_config(data: str, pool_size: int, max_challenges: int, secret_file: st
 
 
 def run_server(config: dict, port: int, workers: int) -> None:
-    from asirra.captcha.service import app_from_config, serve, serve_workers
+    from asirra.captcha.service.run import app_from_config, serve, serve_workers
 
     # One log line per request would cost the server more than some of the requests.
     if workers == 1:
@@ -101,7 +103,7 @@ def wait_until_up(url: str, server: multiprocessing.Process, timeout: float = 12
 
 def measure(config: dict, workers: int, total: int, clients: int, progress: bool) -> dict:
     """One server up, the bots at it, the server down: the attack report as a dict."""
-    from asirra.captcha.attack import RandomGuesser, attack
+    from asirra.captcha.attack.bot import RandomGuesser, attack
 
     port = free_port()
     url = f"http://{HOST}:{port}"

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-
 import numpy as np
 from PIL import Image
 
-from asirra import CAT, DOG
-from asirra.captcha.attack import RandomGuesser  # noqa: F401  (the tests import it from here)
-from asirra.captcha.service import ServiceSettings
+from asirra.captcha.attack.bot import RandomGuesser  # noqa: F401  (the tests import it from here)
+from asirra.captcha.service.settings import ServiceSettings
 from asirra.data import scan
 from asirra.images import load_image
+from asirra.labels import CAT, DOG
 
 with warnings.catch_warnings():
     # Starlette asks for the `httpx2` fork for its TestClient; plain httpx works and is what we ship.
@@ -75,15 +74,17 @@ class ColourClassifier:
         self.flip = flip
 
     def predict_proba(self, sources) -> np.ndarray:
+        """(n, 2): P(cat), P(dog), as every classifier's."""
         p_dog = []
         for source in sources:
             mean = np.asarray(load_image(source), dtype=np.float64).mean(axis=(0, 1))
             p_dog.append(float(mean[2] > mean[0]))
         p_dog = np.asarray(p_dog)
-        return 1.0 - p_dog if self.flip else p_dog
+        p_dog = 1.0 - p_dog if self.flip else p_dog
+        return np.stack([1 - p_dog, p_dog], axis=1)
 
     def solve(self, sources) -> list[bool]:
-        return [bool(p < 0.5) for p in self.predict_proba(sources)]
+        return [bool(p < 0.5) for p in self.predict_proba(sources)[:, 1]]
 
 
 def free_port() -> int:

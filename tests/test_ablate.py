@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_crossval import TOY_MODEL, write_distinct_dataset
 
 

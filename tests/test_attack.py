@@ -10,18 +10,20 @@ import socket
 
 import httpx
 import pytest
+from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, make_pool
 from PIL import Image
 from typer.testing import CliRunner
 
 import asirra.predict
-from asirra.captcha.attack import DEFAULT_MAX_WAIT, AttackError, attack
-from asirra.captcha.counter import parse_preprocess
+from asirra.captcha.attack.bot import DEFAULT_MAX_WAIT, AttackError, attack
+from asirra.captcha.attack.counter import parse_preprocess
 from asirra.captcha.safeguards import make_safeguard
-from asirra.captcha.service import ServiceSettings, create_app, running
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.run import running
+from asirra.captcha.service.settings import ServiceSettings
 from asirra.cli import app as cli
 from asirra.config import DEFAULT_BACKEND
-from asirra.evaluate import wilson_interval
-from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, make_pool
+from asirra.stats import wilson_interval
 
 REPORT_FIELDS = {"attempted", "answered", "passed", "results", "solve_rate", "solve_rate_ci", "refused",
                  "refused_total", "retries", "waited_seconds", "max_wait", "wall_seconds", "passes_per_hour",

@@ -15,13 +15,17 @@ import random
 
 import numpy as np
 import pytest
-
-from asirra.captcha.attack import attack
-from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.service import ServiceSettings, create_app, render_jpeg, running
-from asirra.captcha.simulate import sample_pool, simulate_model
-from asirra.data import scan
 from captcha_service_support import GENEROUS, ColourClassifier, make_pool
+
+from asirra.captcha.attack.bot import attack
+from asirra.captcha.experiments.simulate import simulate_model
+from asirra.captcha.rendering import render_jpeg
+from asirra.captcha.safeguards import parse_safeguard
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.run import running
+from asirra.captcha.service.settings import ServiceSettings
+from asirra.data import scan
+from asirra.stats import random_subset
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +51,15 @@ def _predicted_band(proba_clean, proba_served, labels, spec: str, n: int) -> tup
 
 def _served_renditions(pool, settings: ServiceSettings) -> list[bytes]:
     rng = random.Random(0)
-    return [render_jpeg(ref.load(draft_size=settings.image_side[1]), rng, settings) for ref in pool]
+    return [render_jpeg(ref.load(draft_size=settings.image_side[1]), rng, settings.rendering) for ref in pool]
 
 
 def _solve_rates_match_the_simulator(pool, classifier, specs=("none", "token-bucket"), n: int = N_CHALLENGES,
                                      settings: ServiceSettings = GENEROUS) -> dict[str, tuple[float, tuple[float, float]]]:
     """spec -> (solve rate observed over HTTP, the band predicted), each checked to fall in its band."""
     labels = np.array([ref.label for ref in pool])
-    proba_clean = np.asarray(classifier.predict_proba([ref.load() for ref in pool]))
-    proba_served = np.asarray(classifier.predict_proba(_served_renditions(pool, settings)))
+    proba_clean = classifier.predict_proba([ref.load() for ref in pool])[:, 1]
+    proba_served = classifier.predict_proba(_served_renditions(pool, settings))[:, 1]
     observed = {}
     for spec in specs:
         app = create_app(pool, parse_safeguard(spec), settings)
@@ -90,5 +94,6 @@ def test_http_attack_with_the_default_model_matches_the_simulator_on_shared_phot
         classifier = load_classifier(None)
     except ValueError as exc:
         pytest.skip(f"no default model: {exc}")
-    pool = sample_pool(scan(shared_data / "train", labelled=True), 300, np.random.default_rng(0))
+    refs = scan(shared_data / "train", labelled=True)
+    pool = [refs[i] for i in random_subset(len(refs), 300, 0)]
     _solve_rates_match_the_simulator(pool, classifier)

@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+from captcha_service_support import GENEROUS, make_pool
 
 from asirra.captcha.safeguards import make_safeguard
-from asirra.captcha.service import create_app, running
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.run import running
 from asirra.data import scan
-from captcha_service_support import GENEROUS, make_pool
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -105,7 +106,8 @@ def test_the_hardened_pool_page_shows_each_original_beside_its_hardened_copy(pag
     """What `asirra captcha harden` writes for people to judge: the real browser draws both versions."""
     import torch
 
-    from asirra.captcha.harden import HardenConfig, harden_pool, load_surrogate
+    from asirra.captcha.defend.config import HardenConfig
+    from asirra.captcha.defend.harden import harden_pool, load_surrogate
     from asirra.models import ModelConfig, SeedCNN, save_model
 
     torch.manual_seed(0)  # an untrained surrogate has gradients like any network, at a fraction of the cost

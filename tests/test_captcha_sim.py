@@ -6,19 +6,18 @@ import numpy as np
 import pytest
 
 from asirra.captcha.challenge import count_mistakes
-from asirra.captcha.safeguards import NoSafeguard, PartialCredit, TokenBucket
-from asirra.evaluate import sample_subsets
-from asirra.captcha.simulate import (
+from asirra.captcha.experiments.defend_grid import family
+from asirra.captcha.experiments.simulate import (
     SimulationError,
     accuracy_for_challenge_success,
     agent_mistakes,
-    family,
     judge_responses,
     model_mistakes,
-    sample_pool,
     simulate_agent,
     simulate_model,
 )
+from asirra.captcha.safeguards import NoSafeguard, PartialCredit, TokenBucket
+from asirra.stats import sample_subsets
 
 HUMAN = 0.996
 
@@ -144,15 +143,6 @@ def test_result_dict_has_the_reported_fields():
     for key in ("attempted", "solved", "solve_rate", "ci_low", "ci_high", "per_image_accuracy", "p12", "safeguard"):
         assert key in fields
     assert fields["safeguard"] == "none"
-
-
-def test_sample_pool_draws_a_seeded_subset_in_pool_order():
-    refs = list(range(100))
-    sample = sample_pool(refs, 20, np.random.default_rng(0))
-    assert len(set(sample)) == 20 and sample == sorted(sample)
-    assert sample == sample_pool(refs, 20, np.random.default_rng(0))
-    assert sample_pool(refs, None, np.random.default_rng(0)) == refs
-    assert sample_pool(refs, 500, np.random.default_rng(0)) == refs
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from asirra import CAT, DOG
 from asirra.captcha.challenge import CHALLENGE_SIZE, ChallengeError, count_mistakes, draw_challenge
+from asirra.labels import CAT, DOG
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from asirra.cli import app
 
 @pytest.fixture(scope="module")
 def default_model():
-    from asirra.predict import default_model_path
+    from asirra.models import default_model_path
 
     try:
         return default_model_path()

@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from asirra.captcha.experiments.defend_grid import DefendGrid, defend, recommend
+from asirra.captcha.experiments.simulate import SimulationError
 from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.simulate import DefendGrid, SimulationError, defend, recommend
 
 SMALL_GRID = DefendGrid(needed=(2,), capacity=(1, 3), cost_per_failure=(1,), refill_when_empty=(1,))
 

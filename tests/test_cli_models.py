@@ -6,11 +6,11 @@ import re
 import shutil
 
 import pytest
+from model_support import save_spread_model, write_pattern_dataset
 from typer.testing import CliRunner
 
 from asirra.cli import app
 from asirra.predict import load_classifier
-from model_support import save_spread_model, write_pattern_dataset
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_predict_one_image_prints_the_class_and_its_probability(model, tmp_path,
     match = re.fullmatch(r"(cat|dog) (\d\.\d\d)\n", result.stdout)
     assert match, result.stdout
 
-    p_dog = load_classifier(model, backend="torch").predict_proba([photo])[0]
+    p_dog = load_classifier(model, backend="torch").predict_proba([photo])[0, 1]
     assert match.group(1) == ("dog" if p_dog >= 0.5 else "cat")
     assert float(match.group(2)) == pytest.approx(max(p_dog, 1 - p_dog), abs=0.006)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asirra.captcha.counter import CounterError, Pipeline, blur, jpeg, median, parse_preprocess, resize
+from asirra.captcha.attack.counter import CounterError, Pipeline, blur, jpeg, median, parse_preprocess, resize
 
 
 def noise_image(seed: int = 0, size=(64, 48)) -> Image.Image:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from model_support import tiny_train_config
+from PIL import Image
 
 # Small enough to learn the toy below in 3 epochs; no batch norm, whose running statistics
 # would still be near their initial values after the few steps of a test.

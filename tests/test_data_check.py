@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_image
 from PIL import Image
 
 from asirra import data
-from conftest import write_image
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def test_show_writes_a_png_grid(tiny_kaggle_root, tmp_path):
 def test_check_json_stdout_is_clean_when_run_as_a_program(root_with_a_broken_file):
     # Progress bars must go to stderr so that `asirra data check --json | jq` works.
     result = subprocess.run(
-        [sys.executable, "-m", "asirra.cli", "data", "check", str(root_with_a_broken_file), "--json"],
+        [sys.executable, "-m", "asirra", "data", "check", str(root_with_a_broken_file), "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

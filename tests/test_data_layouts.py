@@ -7,11 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from asirra import CAT, DOG, data
-from asirra.data import DataError, DataNotFound, ImageRef
-from asirra.images import UnusableImage
 from conftest import write_image
+
+from asirra import data
+from asirra.data import ImageRef
+from asirra.errors import DataError, DataNotFound
+from asirra.images import UnusableImage
+from asirra.labels import CAT, DOG
 
 JUNK = b"not an image, and not named like one"
 

@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import asirra.models
 import asirra.predict
 from asirra.cache import content_key
 from asirra.cli import app
-from asirra.predict import DEFAULT_MODEL_DIR
+from asirra.models import DEFAULT_MODEL_DIR
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["data_sample.png", "predictions.png", "evaluation/confusion.png", "evaluation/roc.png",
@@ -93,7 +94,7 @@ def held_out_model(tiny_kaggle_root, tmp_path, monkeypatch, make_image):
     (folder / "split.json").write_text(json.dumps({"val": [content_key(p.read_bytes()) for p in held_out]}))
     make_image(tiny_kaggle_root / "train" / "cat.50.jpg", color=(190, 100, 50), seed=50)
     make_image(tiny_kaggle_root / "train" / "dog.50.jpg", color=(50, 100, 190), seed=51)
-    monkeypatch.setattr(asirra.predict, "DEFAULT_MODEL_DIR", folder)
+    monkeypatch.setattr(asirra.models, "DEFAULT_MODEL_DIR", folder)
     return folder
 
 
@@ -113,7 +114,7 @@ def test_demo_on_a_tiny_data_set_scores_only_held_out_images_and_writes_every_ou
     assert_challenges_consistent(summary, 300)
     assert_submission(out, 4)
     assert_pngs(out)
-    assert "[5/5] outputs" in result.stdout
+    assert "[5/5] outputs" in result.output
 
 
 def test_demo_refuses_data_the_shipped_model_holds_nothing_out_of(tiny_kaggle_root, tmp_path):
@@ -175,4 +176,4 @@ def test_make_demo_on_the_shared_data_agrees_with_the_model_card(shared_data, tm
     labels = assert_submission(out, 500)  # all of test1/
     assert 0.35 < sum(labels) / len(labels) < 0.65  # Kaggle's test images are about half dogs
     assert_pngs(out)
-    assert "[5/5] outputs" in completed.stdout
+    assert "[5/5] outputs" in completed.stdout + completed.stderr

@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from captcha_service_support import make_pool
 from PIL import Image
 from typer.testing import CliRunner
 
-from asirra.captcha.derived_pool import MANIFEST
-from asirra.captcha.distort import DEFAULT_STRENGTH, DistortConfig, DistortError, distort, distort_pool
-from asirra.captcha.similarity import ssim
+from asirra.captcha.defend.derived_pool import MANIFEST
+from asirra.captcha.defend.distort import DEFAULT_STRENGTH, DistortConfig, DistortError, distort, distort_pool
+from asirra.captcha.defend.similarity import ssim
 from asirra.cli import app
 from asirra.data import scan
 from asirra.images import load_image
-from captcha_service_support import make_pool
 
 runner = CliRunner()
 

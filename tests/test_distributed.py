@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_support import write_pattern_dataset
 
 from asirra import distributed
-from model_support import write_pattern_dataset
 
 HERE = Path(__file__).resolve()
 LAUNCH_TIMEOUT = 420  # seconds: a hung rank fails the test instead of the suite
@@ -123,7 +123,7 @@ def test_a_failure_on_rank_0_reaches_every_rank_instead_of_leaving_it_waiting():
         seen = results[rank]
         assert seen["main_only"] == "ValueError: no such data"
         assert seen["main_first"] in ("ValueError: no such data", "RuntimeError: rank 0 failed: no such data")
-        assert seen["agree"] == "ValueError: rank 1 sees different numbers from rank 0"
+        assert seen["agree"] == "DataError: rank 1 sees different numbers from rank 0"
         assert seen["gradient"] == [1.5, 4.5] and seen["shared"] == "from rank 0"
     assert results[1]["main_first"] == "RuntimeError: rank 0 failed: no such data"
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import write_image
 from typer.testing import CliRunner
 
 from asirra import data
 from asirra.cli import app
 from asirra.download import DownloadError, download
-from conftest import write_image
 
 
 def _petimages_zip(workdir) -> bytes:

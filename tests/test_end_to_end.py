@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from model_support import run_cli
 
 from asirra.cache import content_key
 from asirra.data import scan
-from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, predict_refs
-from asirra.splits import stratified_subset
-from model_support import run_cli
+from asirra.models import DEFAULT_MODEL_DIR
+from asirra.predict import load_classifier, predict_refs
+from asirra.stats import stratified_subset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
 

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from scipy.special import expit
 
-from asirra import calibration, evaluate
+from asirra import calibration, evaluate, stats
 from asirra.calibration import EPS, InvalidPredictions, fit_temperature
-from asirra.evaluate import challenge_solve_rate, classification_metrics, wilson_interval, worst_mistakes
+from asirra.evaluate import challenge_solve_rate, classification_metrics, worst_mistakes
+from asirra.stats import wilson_interval
 
 Y = np.array([0, 0, 1, 1, 0, 1])
 
@@ -120,7 +121,7 @@ def test_wilson_interval_rejects_impossible_counts(successes, n):
 
 def test_sample_subsets_draws_distinct_indices_uniformly():
     rng = np.random.default_rng(1)
-    subsets = evaluate.sample_subsets(rng, n=20, size=12, count=20_000)
+    subsets = stats.sample_subsets(rng, n=20, size=12, count=20_000)
     assert subsets.shape == (20_000, 12)
     assert subsets.min() >= 0 and subsets.max() < 20
     assert all(len(set(row)) == 12 for row in subsets[:2000])

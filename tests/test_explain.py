@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_support import save_spread_model, write_pattern_dataset
 from torch import nn
 from typer.testing import CliRunner
 
-from asirra import CAT, DOG
 from asirra.cli import app
 from asirra.explain import gradcam, gradcam_overlays, target_layer
-from model_support import save_spread_model, write_pattern_dataset
+from asirra.labels import CAT, DOG
 
 S = 32  # toy input side; the toy's feature map is S / 4 = 8 cells across
 PATCH = 8
@@ -169,8 +169,8 @@ def test_explain_command_writes_overlays_grid_and_json_and_reports_the_unreadabl
 
 
 def test_explain_peak_in_the_json_is_the_maximum_of_the_map(images, seed_model, tmp_path):
-    from asirra.models import load_model
     from asirra.images import read_pixels
+    from asirra.models import load_model
 
     result = run("explain", images / "dog.1.jpg", "--model", seed_model, "--out", tmp_path, "--json")
     assert result.exit_code == 0, result.output

@@ -9,22 +9,24 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from captcha_service_support import GENEROUS, make_pool
 from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from asirra import CAT, DOG
-from asirra.captcha.derived_pool import MANIFEST, PoolError, read_manifest
-from asirra.captcha.harden import (HardenConfig, HardenError, Hardener, harden_pool, jpeg_straight_through,
-                                   load_surrogate, parse_epsilon)
+from asirra.captcha.defend.config import HardenConfig, HardenError, parse_epsilon
+from asirra.captcha.defend.derived_pool import MANIFEST, read_manifest
+from asirra.captcha.defend.harden import Hardener, harden_pool, load_surrogate
+from asirra.captcha.rendering import jpeg_straight_through
 from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.service import create_app, running, usable_pool
+from asirra.captcha.service.app import create_app, usable_pool
+from asirra.captcha.service.run import running
 from asirra.cli import app
 from asirra.data import ImageRef, scan
 from asirra.images import load_image
-from asirra.models import ModelConfig, SeedCNN, save_model
-from asirra.predict import DEFAULT_MODEL_DIR
-from captcha_service_support import GENEROUS, make_pool
+from asirra.labels import CAT, DOG
+from asirra.models import DEFAULT_MODEL_DIR, ModelConfig, SeedCNN, save_model
+from asirra.runs import RunFolderError
 
 runner = CliRunner()
 
@@ -152,7 +154,7 @@ def test_a_broken_input_is_skipped_and_reported(pool, tmp_path, toy_surrogate):
 
 def test_a_folder_made_with_other_settings_is_refused(pool, tmp_path, toy_surrogate):
     harden(pool[:2], tmp_path / "out", toy_surrogate)
-    with pytest.raises(PoolError, match="epsilon"):
+    with pytest.raises(RunFolderError, match="derived pool made with other settings .*epsilon"):
         harden(pool[:2], tmp_path / "out", toy_surrogate, epsilon=8 / 255)
 
 
@@ -186,12 +188,13 @@ def test_the_shipped_model_is_a_surrogate_only_when_named_shipped():
         load_surrogate(str(DEFAULT_MODEL_DIR))
 
 
-@pytest.mark.parametrize("text, value", [("4/255", 4 / 255), ("0.0157", 0.0157), ("0", 0.0), (" 8/255 ", 8 / 255)])
+@pytest.mark.parametrize("text, value", [("4/255", 4 / 255), ("4", 4 / 255), ("0.0157", 0.0157), ("0", 0.0),
+                                         (" 8/255 ", 8 / 255)])
 def test_epsilon_parsing(text, value):
     assert parse_epsilon(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text", ["4", "abc", "-1/255", "1/0", "4/255/2", ""])
+@pytest.mark.parametrize("text", ["4.0", "65", "abc", "-1/255", "1/0", "4/255/2", ""])
 def test_bad_epsilons_are_refused_in_one_line(tmp_path, text):
     with pytest.raises(HardenError):
         parse_epsilon(text)

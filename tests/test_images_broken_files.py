@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image
 from PIL import Image, ImageFile
 
 from asirra import images
 from asirra.images import UnusableImage, load_image, read_pixels
-from conftest import write_image
 
 
 def _jpeg_bytes(size=(64, 48)) -> bytes:

@@ -13,18 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from captcha_service_support import GENEROUS, ColourClassifier, make_pool
 from PIL import Image
 from typer.testing import CliRunner
 
-from asirra import CAT
-from asirra.captcha import ladder
-from asirra.captcha.ladder import ATTACKERS, LadderError, build_attacker, used_ids
+from asirra.captcha.experiments import ladder
+from asirra.captcha.experiments.ladder import ATTACKERS, LadderError, build_attacker, used_ids
 from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.service import create_app, running
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.run import running
 from asirra.cli import app
 from asirra.data import scan
-from asirra.predict import DEFAULT_MODEL_DIR, load_classifier
-from captcha_service_support import GENEROUS, ColourClassifier, make_pool
+from asirra.errors import UserError
+from asirra.labels import CAT
+from asirra.models import DEFAULT_MODEL_DIR
+from asirra.predict import load_classifier
 
 
 def _labels_agree_with_colour(folder: Path) -> None:
@@ -78,7 +81,7 @@ def test_bought_labels_over_http_then_attack_uses_it(tmp_path):
         stamp = (folder / "model.safetensors").stat().st_mtime_ns
         assert build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=24) == folder
         assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-        with pytest.raises(LadderError, match="other settings"):
+        with pytest.raises(UserError, match="other settings"):
             build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=36)
         result = subprocess.run([sys.executable, "-m", "asirra.cli", "attack", "--url", url, "--model", str(out),
                                  "--challenges", "3", "--json"], capture_output=True, text=True, timeout=300)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 
 import pytest
-
-from asirra.captcha.attack import attack
-from asirra.captcha.safeguards import make_safeguard
-from asirra.captcha.service import ServiceSettings, create_app, running
 from captcha_service_support import GENEROUS, RandomGuesser, make_pool
+
+from asirra.captcha.attack.bot import attack
+from asirra.captcha.safeguards import make_safeguard
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.run import running
+from asirra.captcha.service.settings import ServiceSettings
 
 CLIENTS, CHALLENGES_EACH = 50, 4
 

@@ -6,6 +6,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from model_support import save_spread_model, varied_images
 from safetensors.numpy import load_file as load_numpy
 
 from asirra.images import read_pixels
@@ -20,7 +21,6 @@ from asirra.models import (
     resolve_model_folder,
     save_model,
 )
-from model_support import save_spread_model, varied_images
 
 
 def seed_cnn_with_statistics() -> torch.nn.Module:

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_support import tiny_train_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from asirra import CAT, DOG, data
+from asirra import data
 from asirra.cli import app
-from asirra.data import DataError
+from asirra.errors import DataError
+from asirra.labels import CAT, DOG
 from asirra.splits import stratified_split
-from model_support import tiny_train_config
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 # A small seed-cnn so a test epoch takes a second: two conv blocks, 16 hidden units.

@@ -10,10 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
+from model_support import run_cli
 from PIL import Image
 
 from asirra.sample_data import SampleDataError, write_digits
-from model_support import run_cli
 
 DIGITS = [str(d) for d in range(10)]
 pytestmark = pytest.mark.usefixtures("isolated_cache")

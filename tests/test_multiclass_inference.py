@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_support import pattern_image, varied_images
 from scipy.special import softmax
 from torch import nn
 from typer.testing import CliRunner
@@ -26,7 +27,6 @@ from asirra.cli import app
 from asirra.data import scan
 from asirra.explain import gradcam
 from asirra.predict import TargetClassError, load_classifier
-from model_support import pattern_image, varied_images
 
 SIZE = 32
 CLASSES = ["ant", "bee", "wasp"]
@@ -105,15 +105,21 @@ def sources(folder: Path) -> list[str]:
 def test_classifier_gives_calibrated_softmax_rows_in_class_order(clf3, data3):
     assert clf3.classes == tuple(CLASSES) and not clf3.is_cat_dog
     images = sources(data3)
-    proba = clf3.predict_classes_proba(images)
+    proba = clf3.predict_proba(images)
     z = clf3.logits(clf3.pixels(images))
     assert z.shape == (len(images), 3) and proba.shape == (len(images), 3)
     np.testing.assert_allclose(proba, softmax(z / 2.0, axis=1), rtol=0, atol=1e-12)  # T = 2 from model.json
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-12)
     assert len(set(proba.argmax(1))) > 1, "the spread model should call more than one class"
-    assert clf3.predict_classes_proba([]).shape == (0, 3)
-    with pytest.raises(ValueError, match="has 3 classes; predict_proba is P\\(class 1\\)"):
-        clf3.predict_proba(images)
+    assert clf3.predict_proba([]).shape == (0, 3)
+    assert list(clf3.predict(images)) == [CLASSES[i] for i in proba.argmax(1)]
+
+
+def test_the_old_class_probability_method_warns_and_gives_predict_proba(clf3, data3):
+    images = sources(data3)
+    with pytest.warns(DeprecationWarning, match="predict_classes_proba is deprecated"):
+        old = clf3.predict_classes_proba(images)
+    np.testing.assert_array_equal(old, clf3.predict_proba(images))
 
 
 def test_tta_averages_the_n_logits_before_the_softmax(model3, data3):
@@ -122,7 +128,7 @@ def test_tta_averages_the_n_logits_before_the_softmax(model3, data3):
     tta = load_classifier(model3, backend="torch", tta=True)
     pixels = plain.pixels(images)
     mean = (plain.logits(pixels) + plain.logits(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
-    np.testing.assert_allclose(tta.predict_classes_proba(images), softmax(mean / 2.0, axis=1), atol=1e-6)
+    np.testing.assert_allclose(tta.predict_proba(images), softmax(mean / 2.0, axis=1), atol=1e-6)
 
 
 def test_the_cat_dog_model_has_the_same_class_view_as_its_p_dog(tmp_path):
@@ -131,9 +137,11 @@ def test_the_cat_dog_model_has_the_same_class_view_as_its_p_dog(tmp_path):
     clf = load_classifier(save_spread_model(tmp_path / "catdog"), backend="torch")
     assert clf.classes == ("cat", "dog") and clf.is_cat_dog
     images = varied_images()
-    p_dog = clf.predict_proba(images)
-    proba = clf.predict_classes_proba(images)
-    assert np.array_equal(proba[:, 1], p_dog) and np.allclose(proba[:, 0], 1 - p_dog, atol=0)
+    z = clf.logits(clf.pixels(images))
+    p_dog = 1 / (1 + np.exp(-z / clf.config.temperature))  # the calibrated sigmoid of the one logit
+    proba = clf.predict_proba(images)
+    np.testing.assert_allclose(proba[:, 1], p_dog, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(proba[:, 0], 1 - proba[:, 1], rtol=0, atol=0)
     assert clf.solve(images) == [bool(p < 0.5) for p in p_dog]
     assert clf.solve(images, target="dog") == [bool(p >= 0.5) for p in p_dog]
 
@@ -149,7 +157,7 @@ def test_predict_writes_class_names_and_unique_ids(model3, clf3, data3, tmp_path
     refs = scan(data3, labelled=False)
     # Every class folder holds 0.png..3.png: the Kaggle ids repeat, so the id is the path below the folder.
     assert sorted(r["id"] for r in rows) == sorted(r.name for r in refs) and len(rows) == 12
-    expected = {r.name: CLASSES[i] for r, i in zip(refs, clf3.predict_classes_proba([r.source for r in refs]).argmax(1))}
+    expected = {r.name: CLASSES[i] for r, i in zip(refs, clf3.predict_proba([r.source for r in refs]).argmax(1))}
     assert {r["id"]: r["label"] for r in rows} == expected
 
 
@@ -162,7 +170,7 @@ def test_predict_proba_adds_one_column_per_class_summing_to_one(model3, clf3, da
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
     assert [r["label"] for r in rows] == [CLASSES[i] for i in proba.argmax(1)]
     by_name = {r.name: r.source for r in scan(data3, labelled=False)}
-    direct = clf3.predict_classes_proba([by_name[r["id"]] for r in rows])
+    direct = clf3.predict_proba([by_name[r["id"]] for r in rows])
     np.testing.assert_allclose(proba, direct, atol=1e-6)  # float32 batches, 8 printed digits
 
 
@@ -170,7 +178,7 @@ def test_predict_one_image_prints_the_class_and_its_probability(model3, clf3, da
     image = data3 / "bee" / "1.png"
     result = run("predict", image, "--model", model3, "--backend", "torch")
     assert result.exit_code == 0, result.output
-    row = clf3.predict_classes_proba([image])[0]
+    row = clf3.predict_proba([image])[0]
     assert result.stdout.strip() == f"{CLASSES[row.argmax()]} {row.max():.2f}"
 
 
@@ -230,7 +238,7 @@ def test_evaluate_command_scores_an_n_class_model(model3, clf3, data3, tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
     refs = scan(data3, labelled=True)
-    calls = clf3.predict_classes_proba([r.source for r in refs]).argmax(1)
+    calls = clf3.predict_proba([r.source for r in refs]).argmax(1)
     labels = np.array([r.label for r in refs])
     assert report["classes"] == CLASSES and report["n"] == 12
     assert report["accuracy"] == pytest.approx(float(np.mean(calls == labels)))
@@ -248,7 +256,7 @@ def test_evaluate_maps_a_subset_of_classes_by_name_and_refuses_unknown_ones(mode
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert np.array(report["confusion"]).sum(1).tolist() == [0, 3, 3]  # bee and wasp rows: the model's indices 1, 2
-    calls = clf3.predict_classes_proba(sources(subset)).argmax(1)
+    calls = clf3.predict_proba(sources(subset)).argmax(1)
     assert report["accuracy"] == pytest.approx(float(np.mean(calls == np.repeat([1, 2], 3))))
     stranger = write_class_folders(tmp_path / "stranger", ["bee", "zebra"], per_class=2)
     refused = run("evaluate", stranger, "--model", model3, "--backend", "torch", "--out", tmp_path / "e2")
@@ -272,7 +280,7 @@ def test_onnx_fp32_agrees_with_torch_on_n_outputs(model3, data3, tmp_path):
     np.testing.assert_allclose(z_onnx, z_torch, atol=1e-4, rtol=1e-4)
     # A softmax moves each probability by at most half the largest logit change (divided by T = 2), so
     # logits within 1e-4 put the probabilities within 5e-5: 1e-4 leaves room and still catches a wrong head.
-    p_torch, p_onnx = torch_clf.predict_classes_proba(images), onnx_clf.predict_classes_proba(images)
+    p_torch, p_onnx = torch_clf.predict_proba(images), onnx_clf.predict_proba(images)
     np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4, rtol=0)
     assert np.array_equal(p_onnx.argmax(1), p_torch.argmax(1))
 
@@ -289,7 +297,7 @@ def test_int8_export_has_n_outputs_and_tracks_fp32(model3, data3, tmp_path):
     z32, z8 = fp32.logits(fp32.pixels(images)), int8.logits(int8.pixels(images))
     assert z8.shape == (12, 3) and not np.allclose(z8, z32, atol=1e-4)  # really the quantized network
     assert np.corrcoef(z32.ravel(), z8.ravel())[0, 1] > 0.95
-    np.testing.assert_allclose(int8.predict_classes_proba(images).sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(int8.predict_proba(images).sum(1), 1.0, atol=1e-12)
 
 
 def test_only_a_cat_dog_model_can_become_the_default(model3, tmp_path):
@@ -348,7 +356,7 @@ def test_explain_command_explains_the_predicted_class_or_the_one_asked(model3, c
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["classes"] == CLASSES and len(report["images"]) == 12
-    proba = clf3.predict_classes_proba([item["source"] for item in report["images"]])
+    proba = clf3.predict_proba([item["source"] for item in report["images"]])
     for item, row in zip(report["images"], proba):
         assert item["predicted"] == item["explained_class"] == CLASSES[row.argmax()]
         assert item["probability"] == pytest.approx(row.max(), abs=1e-6) and "p_dog" not in item
@@ -388,7 +396,7 @@ def test_solve_refuses_a_model_without_cats_and_selects_any_class_it_has(clf3, m
         clf3.solve(images)
     with pytest.raises(TargetClassError):
         asirra.solve(images, model=model3, backend="torch")
-    calls = clf3.predict_classes_proba(images).argmax(1)
+    calls = clf3.predict_proba(images).argmax(1)
     assert clf3.solve(images, target="bee") == [bool(c == 1) for c in calls]
     selecting = load_classifier(model3, backend="torch").select("wasp")
     assert selecting.solve(images) == [bool(c == 2) for c in calls]
@@ -398,7 +406,7 @@ def test_a_model_with_cats_among_n_classes_selects_its_cats(tmp_path):
     model = save_class_model(tmp_path / "pets", ["bird", "cat", "dog"])
     clf = load_classifier(model, backend="torch")
     images = varied_images()
-    calls = clf.predict_classes_proba(images).argmax(1)
+    calls = clf.predict_proba(images).argmax(1)
     assert clf.solve(images) == [bool(c == 1) for c in calls]
 
 

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_support import save_spread_model, varied_images
 from PIL import Image
 
 import asirra
+import asirra.models
 import asirra.predict
-from asirra.data import scan
 from asirra.calibration import fit_temperature
+from asirra.data import scan
 from asirra.evaluate import log_loss
 from asirra.images import UnusableImage
 from asirra.models import load_model, save_model
 from asirra.predict import SUBMISSION_CLIP, Classifier, load_classifier, predict_refs, write_submission
-from model_support import save_spread_model, varied_images
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +60,15 @@ def test_solve_on_mixed_inputs_returns_one_bool_per_image(clf, tmp_path, make_im
     sources = mixed_sources(tmp_path, make_image)
     answer = clf.solve(sources)
     assert len(answer) == len(sources) and all(type(a) is bool for a in answer)
-    assert answer == [bool(p < 0.5) for p in clf.predict_proba(sources)]  # True means cat, i.e. P(dog) < 0.5
+    assert answer == [bool(p < 0.5) for p in clf.predict_proba(sources)[:, 1]]  # True means cat, i.e. P(dog) < 0.5
+    assert list(clf.predict(sources)) == ["cat" if is_cat else "dog" for is_cat in answer]
 
 
 def test_the_same_image_gets_the_same_probability_whatever_its_wrapping(clf, tmp_path, make_image):
     path = make_image(tmp_path / "x.png", size=(70, 50), color=(120, 200, 90))
     p = clf.predict_proba([path, str(path), path.read_bytes(), Image.open(path)])
-    np.testing.assert_allclose(p, p[0], rtol=0, atol=1e-12)
+    assert p.shape == (4, 2)  # (n, n_classes) for every model, as in scikit-learn
+    np.testing.assert_allclose(p, np.tile(p[0], (4, 1)), rtol=0, atol=1e-12)
 
 
 def test_an_unreadable_image_in_a_challenge_names_its_position(clf, tmp_path, make_image):
@@ -83,7 +86,7 @@ def test_an_unreadable_image_in_a_challenge_names_its_position(clf, tmp_path, ma
 def test_predict_proba_wants_a_list(clf, tmp_path, make_image):
     with pytest.raises(TypeError, match="takes a list"):
         clf.predict_proba(str(make_image(tmp_path / "a.jpg")))
-    assert clf.predict_proba([]).shape == (0,)
+    assert clf.predict_proba([]).shape == (0, 2)
 
 
 def test_tta_averages_the_logits_of_the_image_and_its_mirror(model_folder):
@@ -103,7 +106,7 @@ def test_package_level_solve_uses_the_given_model(model_folder, clf, tmp_path, m
 def test_bad_backend_or_missing_default_model_is_a_value_error(model_folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
         load_classifier(model_folder, backend="tensorflow")
-    monkeypatch.setattr(asirra.predict, "DEFAULT_MODEL_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr(asirra.models, "DEFAULT_MODEL_DIR", tmp_path / "no-weights")
     with pytest.raises(ValueError, match="default model is missing"):
         load_classifier(None)
 
@@ -163,7 +166,7 @@ def test_predict_refs_skips_and_reports_unreadable_files(clf, tmp_path, make_ima
     preds = predict_refs(clf, scan(tmp_path / "test1", labelled=False), batch_size=2, progress=False)
     assert [r.id for r in preds.refs] == ["1", "2", "3"]
     assert preds.unusable == [{"path": str(tmp_path / "test1" / "4.jpg"), "reason": "not an image (HTML/XML text)"}]
-    np.testing.assert_allclose(preds.p_dog, clf.predict_proba([r.source for r in preds.refs]), atol=1e-5)  # float32 batches
+    np.testing.assert_allclose(preds.p_dog, clf.predict_proba([r.source for r in preds.refs])[:, 1], atol=1e-5)  # float32 batches
 
 
 def read_rows(path) -> list[list[str]]:
@@ -201,6 +204,6 @@ def test_temperature_saved_with_the_model_improves_held_out_log_loss(model_folde
     calibrated = load_classifier(save_model(net, config, tmp_path / "calibrated"), backend="torch")
     raw = Classifier(net, load_model(model_folder)[1], backend="torch")
     assert raw.config.temperature == 1.0
-    before = log_loss(labels[held_out], raw.proba_from_logits(overconfident[held_out]))
-    after = log_loss(labels[held_out], calibrated.proba_from_logits(overconfident[held_out]))
+    before = log_loss(labels[held_out], raw.proba_from_logits(overconfident[held_out])[:, 1])
+    after = log_loss(labels[held_out], calibrated.proba_from_logits(overconfident[held_out])[:, 1])
     assert after < before - 0.05

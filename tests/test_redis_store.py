@@ -10,13 +10,15 @@ import asyncio
 
 import httpx
 import pytest
-
-from asirra.captcha.clients import Site, Sites
-from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.service import ServiceSettings, create_app, running
-from asirra.captcha.store import PoolMismatch, claim_pool, ordered_pool, pool_fingerprint
 from captcha_service_support import GENEROUS, FakeClock, TestClient, answer, make_pool, new_challenge, truth
 from redis_support import redis_server  # noqa: F401  (fixture)
+
+from asirra.captcha.safeguards import parse_safeguard
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.clients import Site, Sites
+from asirra.captcha.service.run import running
+from asirra.captcha.service.settings import ServiceSettings
+from asirra.captcha.service.store import PoolMismatch, claim_pool, ordered_pool, pool_fingerprint
 
 SECRET = b"s" * 32
 SITE = Site("example-site", "example-secret-" + "x" * 24)

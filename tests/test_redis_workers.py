@@ -14,10 +14,10 @@ import time
 
 import httpx
 import pytest
-
-from asirra.captcha.clients import Site
 from captcha_service_support import ColourClassifier, make_pool, serving
 from redis_support import redis_server  # noqa: F401  (fixture)
+
+from asirra.captcha.service.clients import Site
 
 SITE = Site("worker-test-site", "worker-test-secret-" + "w" * 20)
 pytestmark = pytest.mark.slow

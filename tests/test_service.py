@@ -7,12 +7,22 @@ import io
 import json
 
 import pytest
+from captcha_service_support import (
+    GENEROUS,
+    ColourClassifier,
+    FakeClock,
+    TestClient,
+    answer,
+    make_pool,
+    new_challenge,
+    truth,
+)
 from PIL import Image
 
 from asirra.captcha.safeguards import make_safeguard
-from asirra.captcha.service import ServiceError, ServiceSettings, create_app, parse_selection, usable_pool
+from asirra.captcha.service.app import create_app, parse_selection, usable_pool
+from asirra.captcha.service.settings import ServiceError, ServiceSettings
 from asirra.images import load_image
-from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, TestClient, answer, make_pool, new_challenge, truth
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from captcha_service_support import ColourClassifier, free_port, make_pool, serving
 from typer.testing import CliRunner
 
 from asirra.cli import app as cli
-from captcha_service_support import ColourClassifier, free_port, make_pool, serving
 
 
 def _solve(client: httpx.Client, challenge: dict, right: bool) -> str:

@@ -9,13 +9,15 @@ import json
 
 import httpx
 import pytest
-
-from asirra.captcha.clients import ClientConfigError, PassTokens, Site, Sites, load_sites
-from asirra.captcha.example_site import create_site
-from asirra.captcha.safeguards import make_safeguard
-from asirra.captcha.service import ServiceSettings, create_app, running
 from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, TestClient, make_pool
 from redis_support import redis_server  # noqa: F401  (fixture)
+
+from asirra.captcha.safeguards import make_safeguard
+from asirra.captcha.service.app import create_app
+from asirra.captcha.service.clients import ClientConfigError, PassTokens, Site, Sites, load_sites
+from asirra.captcha.service.example_site import create_site
+from asirra.captcha.service.run import running
+from asirra.captcha.service.settings import ServiceSettings
 
 SHOP = Site("shop-site-key", "shop-secret-" + "a" * 30, "a shop")
 BLOG = Site("blog-site-key", "blog-secret-" + "b" * 30, "a blog")

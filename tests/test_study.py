@@ -6,11 +6,12 @@ import json
 import os
 
 import pytest
+from captcha_service_support import make_pool
 from typer.testing import CliRunner
 
-from asirra.captcha.study import (StudyConfig, StudyError, parse_epsilons, parse_moves, pool_name, split_pool)
+from asirra.captcha.experiments.study import StudyConfig, StudyError, parse_epsilons, parse_moves, pool_name, split_pool
 from asirra.cli import app
-from captcha_service_support import make_pool
+from asirra.errors import ConfigError
 
 runner = CliRunner()
 
@@ -90,14 +91,15 @@ def test_a_rerun_resumes_from_the_cache_and_reports_the_same(quick_study):
     assert (out / "results.csv").read_text() == before
     changed = runner.invoke(app, ["captcha", "study", "--data", str(root / "pool"), "--out", str(out), "--quick",
                                   "--scored", "12"])
-    assert changed.exit_code == 2 and "use a new --out" in changed.output
+    assert changed.exit_code == 2 and "choose another --out" in changed.output
 
 
 def test_lists_parse_and_bad_settings_fail_in_one_line(tmp_path):
     assert parse_epsilons("0,2,4/255") == (0, 2, 4)
     assert parse_moves("none,jpeg:75,jpeg:75+median:3") == ("none", "jpeg:75", "jpeg:75,median:3")
-    with pytest.raises(StudyError):
-        parse_epsilons("0.5")
+    with pytest.raises(ConfigError, match="not a whole number of 255ths"):
+        parse_epsilons("0.01")
+    assert parse_epsilons("0,4/255,8") == (0, 4, 8)  # the one epsilon rule: whole numbers are 255ths
     make_pool(tmp_path / "pool", cats=12, dogs=12)
     for option, value in (("--methods", "nonsense"), ("--preprocess", "jpeg:500"), ("--epsilons", "1,1")):
         result = runner.invoke(app, ["captcha", "study", "--data", str(tmp_path / "pool"), "--out",

@@ -7,12 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from asirra.models import load_model
-from asirra.config import TrainConfig
-from asirra.splits import stratified_split, stratified_subset
-from asirra.train import train
 from model_support import tiny_train_config, write_pattern_dataset
+
+from asirra.config import TrainConfig
+from asirra.models import load_model
+from asirra.splits import stratified_split
+from asirra.stats import stratified_subset
+from asirra.train import train
 
 RUN_FILES = {"config.json", "env.json", "split.json", "metrics.csv", "curves.png", "checkpoint.pt", "model",
              "metrics.json", "unusable.json"}
@@ -148,7 +149,7 @@ def test_existing_run_is_refused_without_resume(first_run, data):
 def test_resume_refuses_a_missing_run_or_a_different_model(first_run, data, tmp_path):
     with pytest.raises(ValueError, match="nothing to resume"):
         train(tiny_train_config(data, tmp_path / "empty"), resume=True)
-    with pytest.raises(ValueError, match="resume it with the same model"):
+    with pytest.raises(ValueError, match="holds a training run made with other settings .*model"):
         train(tiny_train_config(data, first_run, model="effnet-lite0"), resume=True)
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_support import tiny_train_config, write_pattern_dataset
 
 import asirra.transfer
 from asirra.models import create_model, load_model
-from asirra.train import train
 from asirra.tasks import CachedActivationTask, make_task
-from model_support import tiny_train_config, write_pattern_dataset
+from asirra.train import train
 
 
 @pytest.fixture(scope="module")

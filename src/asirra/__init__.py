@@ -9,11 +9,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from asirra.config import DEFAULT_BACKEND  # noqa: E402  (imports nothing heavy; after the line above on purpose)
+from asirra.labels import CAT, CLASS_NAMES, DOG  # noqa: E402
 
 __version__ = "0.1.0"
-
-CAT, DOG = 0, 1
-CLASS_NAMES = ("cat", "dog")
 
 
 def solve(images, model=None, backend: str = DEFAULT_BACKEND):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import re
 import tomllib
@@ -35,8 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from asirra.config import AugmentConfig, TrainConfig
-from asirra.crossval import FOLDS_FILE, HAMMING_THRESHOLD, Folds, cross_validate, draw_folds, t_interval
+from asirra.crossval import FOLDS_FILE, HAMMING_THRESHOLD, Folds, cross_validate, draw_folds
+from asirra.errors import ConfigError
 from asirra.fileio import write_json_atomic, write_text_atomic
+from asirra.stats import t_interval
+
+log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 # Overrides that would change which images are validated, breaking the pairing of folds.
@@ -66,23 +71,23 @@ def read_ablation(path: Path) -> Ablation:
     try:
         doc = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"cannot read the ablation file {path} ({exc})") from None
+        raise ConfigError(f"cannot read the ablation file {path} ({exc})") from None
     unknown = set(doc) - {"baseline", "cv", "variants"}
     if unknown:
-        raise ValueError(f"{path}: unknown sections {', '.join(sorted(unknown))} (expected baseline, cv, variants)")
+        raise ConfigError(f"{path}: unknown sections {', '.join(sorted(unknown))} (expected baseline, cv, variants)")
     cv = doc.get("cv", {})
     if set(cv) - {"folds", "hamming"}:
-        raise ValueError(f"{path}: [cv] takes folds and hamming, not {', '.join(sorted(set(cv) - {'folds', 'hamming'}))}")
+        raise ConfigError(f"{path}: [cv] takes folds and hamming, not {', '.join(sorted(set(cv) - {'folds', 'hamming'}))}")
     ablation = Ablation(doc.get("baseline", {}), doc.get("variants", {}), int(cv.get("folds", 3)),
                         int(cv.get("hamming", HAMMING_THRESHOLD)), Path(path).parent)
     for name, overrides in ablation.variants.items():
         if name == BASELINE or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ValueError(f"{path}: variant name {name!r} must be a simple folder name other than {BASELINE!r}")
+            raise ConfigError(f"{path}: variant name {name!r} must be a simple folder name other than {BASELINE!r}")
         if not isinstance(overrides, dict):
-            raise ValueError(f"{path}: [variants.{name}] must be a table of overrides")
+            raise ConfigError(f"{path}: [variants.{name}] must be a table of overrides")
         fixed = sorted(set(overrides) & set(FIXED_BY_BASELINE))
         if fixed:
-            raise ValueError(f"{path}: variant {name} may not override {', '.join(fixed)} "
+            raise ConfigError(f"{path}: variant {name} may not override {', '.join(fixed)} "
                              f"(it fixes {', '.join(FIXED_BY_BASELINE[k] for k in fixed)} for every variant)")
     for name in arms(ablation):
         arm_config(ablation, name, data=".", out=".")  # raises on an unknown or invalid setting
@@ -101,7 +106,7 @@ def arm_config(ablation: Ablation, name: str, data: str, out: str) -> Arm:
     overrides = copy.deepcopy(ablation.variants.get(name, {}))
     train_fraction = float(overrides.pop("train_fraction", 1.0))
     if not 0 < train_fraction <= 1:
-        raise ValueError(f"variant {name}: train_fraction must be in (0, 1], got {train_fraction}")
+        raise ConfigError(f"variant {name}: train_fraction must be in (0, 1], got {train_fraction}")
     drop_file = overrides.pop("drop_from_training", None)
     drop = read_image_keys(ablation.home / drop_file) if drop_file else frozenset()
     options = {**settings.get("model_options", {}), **overrides.pop("model_options", {})}
@@ -110,7 +115,7 @@ def arm_config(ablation: Ablation, name: str, data: str, out: str) -> Arm:
     try:
         return Arm(TrainConfig.from_dict(settings), train_fraction, drop)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _augment(value, name: str):
@@ -121,7 +126,7 @@ def _augment(value, name: str):
         return None
     if isinstance(value, dict):
         return {**asdict(AugmentConfig()), **value}
-    raise ValueError(f"{name}: augment must be true, false or a table, got {value!r}")
+    raise ConfigError(f"{name}: augment must be true, false or a table, got {value!r}")
 
 
 # ---- the comparison ----------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def run_ablation(ablation: Ablation, data: str, out: Path, train: bool = True) -
     for i, name in enumerate(names):
         if train:
             arm = arm_config(ablation, name, data, str(out / name))
-            print(f"== arm {i + 1} of {len(names)}: {name} {describe(ablation.variants.get(name, {}))}")
+            log.info(f"== arm {i + 1} of {len(names)}: {name} {describe(ablation.variants.get(name, {}))}")
             results[name] = cross_validate(arm.config, ablation.folds, arm.train_fraction, plan.threshold, n_suspects=12,
                                            shared_folds=plan, drop_from_training=arm.drop_from_training)
         elif (out / name / "cv.json").exists():
@@ -199,8 +204,8 @@ def run_ablation(ablation: Ablation, data: str, out: Path, train: bool = True) -
         if BASELINE in results:
             write_outputs(out, ablation, results, pending=[n for n in names if n not in results])
     if BASELINE not in results:
-        raise ValueError(f"nothing to report in {out}: the baseline's cross-validation has not finished")
-    print(f"report: {out / 'report.md'}; plot: {out / 'ablation.png'}")
+        raise ConfigError(f"nothing to report in {out}: the baseline's cross-validation has not finished")
+    log.info(f"report: {out / 'report.md'}; plot: {out / 'ablation.png'}")
     return {"results": results, "comparison": compare(results)}
 
 

@@ -14,7 +14,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
-from asirra import CAT, DOG
+from asirra.errors import UserError
+from asirra.labels import CAT, DOG
 
 THRESHOLD = 0.5  # P(dog) at or above it is a dog; a tie counts as dog
 
@@ -29,7 +30,7 @@ EPS = 1e-6
 T_MIN, T_MAX = 0.05, 20.0
 
 
-class InvalidPredictions(ValueError):
+class InvalidPredictions(UserError):
     """Labels or probabilities that cannot be evaluated (wrong shape, length, or values)."""
 
 

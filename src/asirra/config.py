@@ -1,14 +1,18 @@
 """What a training run is made of, as plain data: the one home of every training default.
 
-This module imports nothing from the package, so anything (the CLI, the tuner, a test) can read a
-default or build a config without pulling in torch. The CLI's options take their defaults from
+This module imports nothing from the package but its errors, so anything (the CLI, the tuner, a
+test) can read a default or build a config without pulling in torch. The CLI's options take their defaults from
 here; a config saved in a run folder (config.json) rebuilds with `TrainConfig.from_dict`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
+from pathlib import Path
+
+from asirra.errors import ConfigError
 
 
 class Strategy(str, Enum):
@@ -87,7 +91,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     def to_dict(self) -> dict:
         """JSON-ready: enums as their strings."""
@@ -101,20 +105,44 @@ class TrainConfig:
         d["augment"] = AugmentConfig(**d["augment"]) if d.get("augment") is not None else None
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown training settings: {', '.join(sorted(unknown))}")
         return cls(**d)
 
 
-def default(name: str):
-    """The default of one TrainConfig field: what the CLI shows and uses when an option is not given."""
-    for f in fields(TrainConfig):
+# Settings a resumed run may change: how long it trains and how fast, never what it trains on or how.
+RESUMABLE_CHANGES = ("out", "epochs", "patience", "workers", "cache_dir", "compile")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings in a training config JSON (a run's config.json, `asirra tune`'s best_config.json)."""
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the training config {path} ({exc})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path} is not a training config (expected a JSON object)")
+    return settings
+
+
+def default(name: str, of=None):
+    """The default of one field of TrainConfig, or of the dataclass or function `of` (a keyword's default):
+    what the CLI shows and uses when an option is not given, read from the one place it is written."""
+    import inspect
+
+    target = of or TrainConfig
+    if not isinstance(target, type):
+        parameter = inspect.signature(target).parameters.get(name)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            raise KeyError(f"{target.__qualname__} has no default for {name!r}")
+        return parameter.default
+    for f in fields(target):
         if f.name == name:
             if f.default is not MISSING:
                 return f.default
             if f.default_factory is not MISSING:
                 return f.default_factory()
-            raise KeyError(f"TrainConfig.{name} has no default")
-    raise KeyError(f"TrainConfig has no field {name!r}")
+            raise KeyError(f"{target.__name__}.{name} has no default")
+    raise KeyError(f"{target.__name__} has no field {name!r}")
 
 
 def _choice(enum: type[Enum], value, what: str):
@@ -122,7 +150,7 @@ def _choice(enum: type[Enum], value, what: str):
         return enum(value.value if isinstance(value, Enum) else value)
     except ValueError:
         choices = ", ".join(member.value for member in enum)
-        raise ValueError(f"unknown {what} {value!r}; choose {choices}") from None
+        raise ConfigError(f"unknown {what} {value!r}; choose {choices}") from None
 
 
 # ---- inference --------------------------------------------------------------------------------

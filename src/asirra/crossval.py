@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import csv
 import json
-import math
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from asirra.config import TrainConfig
+from asirra.errors import ConfigError, DataError
 from asirra.fileio import atomic_path, write_json_atomic
+from asirra.labels import is_binary
+from asirra.runs import RunFolderError, claim
+from asirra.stats import t_interval
 
 # The hash is computed from the pixel cache at this size, whatever the model's input size, so
 # every variant of an ablation (64 to 160 px) gets the same groups and hence the same folds.
@@ -45,6 +49,7 @@ HASH_SIDE = 32
 HAMMING_THRESHOLD = 8
 MIN_CORRELATION = 0.9
 FOLDS_FILE, SETTINGS_FILE = "folds.json", "cv-settings.json"
+log = logging.getLogger(__name__)
 
 
 # ---- groups: content keys and perceptual hashes ---------------------------------------------
@@ -137,7 +142,7 @@ def make_folds(labels, groups, k: int, seed: int) -> list[np.ndarray]:
     labels = np.asarray(labels)
     smallest = int(np.bincount(labels, minlength=2).min())
     if not 2 <= k <= smallest:
-        raise ValueError(f"--folds must be between 2 and {smallest} (the smallest class's size), got {k}")
+        raise ConfigError(f"--folds must be between 2 and {smallest} (the smallest class's size), got {k}")
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [np.sort(val) for _, val in splitter.split(np.zeros(len(labels)), labels, groups)]
 
@@ -159,7 +164,7 @@ class Folds:
         where = {key: i for i, key in enumerate(cached.keys)}
         missing = sum(key not in where for keys in self.val_keys for key in keys)
         if missing or sum(map(len, self.val_keys)) != len(cached):
-            raise ValueError(f"these folds were drawn for other images ({missing} of their images are missing, "
+            raise RunFolderError(f"these folds were drawn for other images ({missing} of their images are missing, "
                              f"{len(cached)} images now vs {sum(map(len, self.val_keys))}); use another --out")
         return [np.sort(np.array([where[key] for key in keys], np.int64)) for keys in self.val_keys]
 
@@ -181,8 +186,8 @@ def draw_folds(cached, k: int, seed: int, threshold: int = HAMMING_THRESHOLD, ca
     groups = duplicate_groups(cached, threshold, cache_dir, workers)
     sizes = np.bincount(groups)
     folds = make_folds(cached.labels, groups, k, seed)
-    print(f"{len(cached)} images in {len(sizes)} groups ({int((sizes > 1).sum())} of near-identical images, "
-          f"largest {int(sizes.max())}); {k} folds of {', '.join(str(len(f)) for f in folds)}")
+    log.info(f"{len(cached)} images in {len(sizes)} groups ({int((sizes > 1).sum())} of near-identical images, "
+             f"largest {int(sizes.max())}); {k} folds of {', '.join(str(len(f)) for f in folds)}")
     return Folds(k, seed, threshold, [[cached.keys[i] for i in f] for f in folds], len(sizes), int(sizes.max()))
 
 
@@ -190,40 +195,17 @@ def training_positions(cached, val_idx: np.ndarray, train_fraction: float, seed:
                        drop: frozenset[str] = frozenset()) -> np.ndarray:
     """Every image outside the fold, or a stratified `train_fraction` of them, less the content keys in
     `drop` (e.g. suspected label errors); the fold itself is never touched."""
-    from asirra.splits import stratified_subset
+    from asirra.stats import stratified_subset
 
     train_idx = np.setdiff1d(np.arange(len(cached)), val_idx)
     if drop:
         train_idx = np.array([i for i in train_idx if cached.keys[i] not in drop], np.int64)
     if not 0 < train_fraction <= 1:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        raise ConfigError(f"train_fraction must be in (0, 1], got {train_fraction}")
     if train_fraction < 1:
         keep = stratified_subset(cached.labels[train_idx], max(2, round(train_fraction * len(train_idx))), seed)
         train_idx = train_idx[keep]
     return train_idx
-
-
-# ---- statistics -----------------------------------------------------------------------------
-
-
-def t_interval(values, test_train_ratio: float = 0.0, level: float = 0.95) -> dict:
-    """Mean, std and a Student-t interval of the mean over k fold scores.
-
-    With test_train_ratio = n_test / n_train the variance of the mean is Nadeau & Bengio's
-    corrected (1/k + n_test/n_train) s^2 instead of s^2 / k: the folds' training sets overlap, so
-    their scores are correlated and the plain interval is too narrow (Nadeau & Bengio, "Inference
-    for the generalization error", Machine Learning 52, 2003).
-    """
-    from scipy import stats
-
-    values = np.asarray(values, np.float64)
-    k = len(values)
-    mean = float(values.mean())
-    if k < 2:
-        return {"mean": mean, "std": None, "ci95": [None, None]}
-    std = float(values.std(ddof=1))
-    half = float(stats.t.ppf((1 + level) / 2, k - 1) * math.sqrt((1 / k + test_train_ratio) * std**2))
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -256,7 +238,7 @@ def cross_validate(config: TrainConfig, folds: int = 5, train_fraction: float = 
     for f, val_idx in enumerate(fold_val):
         train_idx = training_positions(cached, val_idx, train_fraction, config.seed + f, drop_from_training)
         per_fold.append(_run_fold(cached, train_idx, val_idx, config, out, f, len(fold_val), classes))
-    oof = write_oof(out, len(fold_val))
+    oof = write_oof(out, len(fold_val), classes)
     if len(oof["key"]) != len(cached) or set(oof["key"]) != set(cached.keys):
         raise RuntimeError(f"out-of-fold predictions cover {len(set(oof['key']))} of {len(cached)} images")
     suspects = write_suspects(out, oof, cached, n_suspects)
@@ -276,18 +258,8 @@ def _check_settings(out: Path, config: TrainConfig, folds: int, train_fraction: 
     # workers only changes speed; out is the folder itself
     settings = {"train": {k: v for k, v in config.to_dict().items() if k not in ("out", "workers")}, "folds": folds,
                 "train_fraction": train_fraction, "hamming_threshold": threshold, "dropped": sorted(drop)}
-    path = out / SETTINGS_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted({k for k in {**saved["train"], **settings["train"]}
-                          if saved["train"].get(k) != settings["train"].get(k)}
-                         | {k for k in ("folds", "train_fraction", "hamming_threshold", "dropped")
-                            if saved.get(k, []) != settings[k]})
-        if changed:
-            raise ValueError(f"{out} holds a cross-validation with other settings ({', '.join(changed)}); "
-                             f"rerun it as it was or choose another --out")
-        print(f"continuing the cross-validation in {out}")
-    write_json_atomic(path, settings)
+    if claim(out, settings, SETTINGS_FILE, "cross-validation", restamp=True):
+        log.info(f"continuing the cross-validation in {out}")
 
 
 def _folds_for(out: Path, cached, k: int, config: TrainConfig, threshold: int) -> Folds:
@@ -306,9 +278,9 @@ def read_image_keys(path: Path) -> frozenset[str]:
             reader = csv.DictReader(fh)
             rows = list(reader)
     except OSError as exc:
-        raise ValueError(f"cannot read {path} ({exc})") from None
+        raise DataError(f"cannot read {path} ({exc})") from None
     if "key" not in (reader.fieldnames or ()):
-        raise ValueError(f"{path} has no key column (content keys, as in suspects.csv)")
+        raise DataError(f"{path} has no key column (content keys, as in suspects.csv)")
     return frozenset(row["key"] for row in rows)
 
 
@@ -323,11 +295,11 @@ def _run_fold(cached, train_idx, val_idx, config: TrainConfig, out: Path, f: int
     run = out / f"fold-{f + 1}"
     what = f"fold {f + 1} of {k}: {len(train_idx)} training, {len(val_idx)} validation images"
     if fold_done(run):
-        print(f"{what} (done)")
+        log.info(f"{what} (done)")
         metrics = json.loads((run / "metrics.json").read_text())
     else:
         resume = (run / "config.json").exists()
-        print(f"{what}{' (resuming)' if resume else ''}")
+        log.info(f"{what}{' (resuming)' if resume else ''}")
         fold_config = replace(config, out=str(run))
         prepare_run(fold_config, resume)
         save_split(run, cached, train_idx, val_idx)
@@ -346,11 +318,11 @@ def _epochs(metrics_csv: Path) -> dict:
             "train_seconds": round(sum(float(r["seconds"]) for r in rows), 1)}
 
 
-def write_oof(out: Path, k: int) -> dict[str, list]:
+def write_oof(out: Path, k: int, classes) -> dict[str, list]:
     """oof.csv: each fold's val_predictions.csv with its fold number; returns its columns.
 
-    A cat/dog run has `p_dog` (1-D); an N-class run its `p_<class>` columns, returned as "proba"
-    (n, N) with the class names as "classes".
+    A binary run has one probability column, P(class 1) (`p_dog` for cat/dog), returned as "p_dog"
+    (1-D); an N-class run its `p_<class>` columns, returned as "proba" (n, N). "classes" names them.
     """
     rows, columns = [], None
     for f in range(k):
@@ -364,11 +336,11 @@ def write_oof(out: Path, k: int) -> dict[str, list]:
         writer.writerows(rows)
     oof = {"key": [r["key"] for r in rows], "name": [r["name"] for r in rows],
            "label": np.array([int(r["label"]) for r in rows]), "fold": np.array([r["fold"] for r in rows])}
-    if columns == ["p_dog"]:
-        oof["p_dog"] = np.array([float(r["p_dog"]) for r in rows])
+    oof["classes"] = list(classes)
+    if is_binary(classes):
+        oof["p_dog"] = np.array([float(r[columns[0]]) for r in rows])
     else:
         oof["proba"] = np.array([[float(r[c]) for c in columns] for r in rows]).reshape(len(rows), len(columns))
-        oof["classes"] = [c[2:] for c in columns]
     return oof
 
 
@@ -376,7 +348,7 @@ def write_suspects(out: Path, oof: dict, cached, n: int) -> list[dict]:
     """suspects.csv and suspects.png: OOF predictions that most confidently contradict their labels."""
     from asirra.plots import plot_image_grid
 
-    suspects = _binary_suspects(oof, n) if "p_dog" in oof else _multiclass_suspects(oof, n)
+    suspects = _binary_suspects(oof, n) if is_binary(oof["classes"]) else _multiclass_suspects(oof, n)
     with atomic_path(out / "suspects.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(suspects[0]) if suspects else ["rank", "name", "key", "label", "fold"])
         writer.writeheader()
@@ -390,8 +362,8 @@ def write_suspects(out: Path, oof: dict, cached, n: int) -> list[dict]:
 
 
 def _binary_suspects(oof: dict, n: int) -> list[dict]:
-    from asirra import CLASS_NAMES
     from asirra.evaluate import worst_mistakes
+    from asirra.labels import CLASS_NAMES
 
     order = worst_mistakes(oof["label"], oof["p_dog"], k=n) if n else np.zeros(0, int)
     return [{"rank": r + 1, "name": oof["name"][i], "key": oof["key"][i], "label": CLASS_NAMES[oof["label"][i]],
@@ -419,10 +391,10 @@ def _thumbnail(ref, side: int = 256) -> np.ndarray:
 
 def summarize(per_fold: list[dict], oof: dict) -> dict:
     ratio = float(np.mean([f["n_val"] / f["n_train"] for f in per_fold]))
-    if "p_dog" in oof:
+    if is_binary(oof["classes"]):
         from asirra.evaluate import classification_metrics
 
-        pooled = classification_metrics(oof["label"], oof["p_dog"])
+        pooled = classification_metrics(oof["label"], oof["p_dog"], classes=oof["classes"])
     else:
         from asirra.metrics import multiclass_metrics
 
@@ -471,6 +443,6 @@ def _print_summary(summary: dict, out: Path) -> None:
         corrected = summary["summary_corrected"].get(metric)
         if corrected:
             line += f"; corrected for overlapping training sets {corrected['ci95'][0]:.4f}-{corrected['ci95'][1]:.4f}"
-        print(line + ")")
-    print(f"out-of-fold: accuracy {summary['oof']['accuracy']:.4f}, log loss {summary['oof']['log_loss']:.4f}; "
+        log.info(line + ")")
+    log.info(f"out-of-fold: accuracy {summary['oof']['accuracy']:.4f}, log loss {summary['oof']['log_loss']:.4f}; "
           f"{out / 'oof.csv'}, suspects {out / 'suspects.png'}, {out / 'cv.json'}")

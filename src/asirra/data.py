@@ -37,9 +37,10 @@ from typing import NamedTuple, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from asirra import CAT, CLASS_NAMES, DOG
 from asirra.download import archive_path
+from asirra.errors import DataError, DataNotFound
 from asirra.images import MAX_FILE_BYTES, UnusableImage, load_image, read_file
+from asirra.labels import CAT, CLASS_NAMES, DOG
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 CLASS_FOLDERS = {"cat": CAT, "cats": CAT, "dog": DOG, "dogs": DOG}
@@ -50,14 +51,6 @@ MEMBER_SEPARATOR = "::"
 DEFAULT_ROOTS = (Path("data/dogs-vs-cats"), archive_path(), Path("../shared/datasets/dogs-vs-cats"))
 
 _KAGGLE_NAME = re.compile(r"(cat|dog)\.(\d+)\.\w+", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A data set that cannot be used as asked; the message is one line for the user."""
-
-
-class DataNotFound(DataError):
-    """No data where it was looked for; the message says how to get some."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +190,12 @@ def labelled_split_dirs(root: str | os.PathLike) -> tuple[Path | None, Path | No
         test = next(n for n in names if _folder(n) in TEST_FOLDERS)
         return root / PurePosixPath(train).parent, root / PurePosixPath(test).parent
     return (None, root) if layout == "unlabelled" else (root, None)
+
+
+def labelled_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The labelled images the --data lookup finds: a Kaggle root's train/, else the root itself."""
+    root = resolve_data_root(explicit)
+    return labelled_split_dirs(root)[0] or root
 
 
 class _Survey(NamedTuple):

@@ -7,46 +7,41 @@ validation split, recorded with it); 3. write a Kaggle submission for test1/; 4.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
+from asirra.captcha.challenge import SIMULATED_CHALLENGES
 from asirra.config import DEFAULT_BACKEND
+from asirra.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
-class DemoError(ValueError):
-    pass
+class DemoError(UserError):
+    """The demo cannot run on the data it was given."""
 
 
 def say(message: str) -> None:
-    print(message, flush=True)
+    log.info(message)
 
 
-def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int = 10_000,
+def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int = SIMULATED_CHALLENGES,
              backend: str = DEFAULT_BACKEND) -> dict:
-    try:
-        return _run_demo(data, out, samples, challenges, backend)
-    except DemoError:
-        raise
-    except ValueError as exc:  # bad data, a missing model, a wrong backend: one line, not a traceback
-        raise DemoError(str(exc)) from None
-
-
-def _run_demo(data, out, samples, challenges, backend) -> dict:
+    """The demo's five steps; every output under `out`; returns what summary.json holds."""
     from asirra import data as datamod
     from asirra.evaluate import evaluate_model
     from asirra.fileio import write_json_atomic
-    from asirra.predict import DEFAULT_MODEL_DIR, load_classifier, plot_predictions, predict_refs, write_submission
+    from asirra.models import DEFAULT_MODEL_DIR
+    from asirra.predict import load_classifier, plot_predictions, predict_refs, write_submission
     from asirra.splits import evaluation_sample, validation_refs
 
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        root = datamod.resolve_data_root(data)
-    except datamod.DataError as exc:
-        raise DemoError(str(exc)) from None
+    root = datamod.resolve_data_root(data)
     train_dir, test_dir = datamod.labelled_split_dirs(root)
     train_dir = train_dir or root
     say(f"[1/5] data: {root}")
@@ -104,8 +99,8 @@ def _run_demo(data, out, samples, challenges, backend) -> dict:
 
 
 def _simulate_safeguards(preds, challenges: int) -> dict:
+    from asirra.captcha.experiments.simulate import simulate_model
     from asirra.captcha.safeguards import make_safeguard
-    from asirra.captcha.simulate import simulate_model
 
     results = {}
     for name in ("none", "partial-credit", "token-bucket"):

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from asirra.errors import UserError
+
 PETIMAGES_URL = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
     "kagglecatsanddogs_5340.zip"
@@ -23,7 +25,7 @@ DEFAULT_DEST = Path("data")
 CHUNK_BYTES = 1 << 20
 
 
-class DownloadError(ValueError):
+class DownloadError(UserError):
     """A download that did not produce the expected file; the message says what to do next."""
 
 

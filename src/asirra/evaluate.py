@@ -1,11 +1,12 @@
 """How good a classifier is, from its predictions: metrics, CAPTCHA solve rate, calibration, the report.
 
-The cat/dog figures work on two arrays, `y_true` (asirra.CAT == 0, asirra.DOG == 1) and `p_dog`
-(the predicted probability of DOG), so they are independent of how the predictions were made.
-Any other model (N classes, or two classes not named cat and dog) is scored by asirra.metrics on
-(n, N) probabilities: top-1/top-k accuracy, per-class precision/recall/F1, macro-F1, log loss,
-reliability. The generic metrics live there; this module adds the binary-only figures (AUC, Brier,
-challenge solve rate) and writes the report.
+A binary model (asirra.labels.is_binary: two classes) is scored on two arrays, `y_true` (0 or 1)
+and `p_dog` (the predicted probability of class 1, DOG for the cat/dog model), so the figures are
+independent of how the predictions were made: accuracy, log loss, AUC, Brier, ROC and reliability;
+the cat/dog model adds the CAPTCHA's challenge solve rate. A model of N >= 3 classes is scored by
+asirra.metrics on (n, N) probabilities: top-1/top-k accuracy, per-class precision/recall/F1,
+macro-F1, log loss, reliability. The generic metrics live there; this module adds the binary
+figures and writes the report.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Callable, Sequence
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from asirra import CAT, CLASS_NAMES, DOG, plots
+from asirra import plots
 from asirra.calibration import THRESHOLD, InvalidPredictions, as_1d, check_labels, predicted_index, predicted_labels
-from asirra.captcha.challenge import CHALLENGE_SIZE
+from asirra.captcha.challenge import CHALLENGE_SIZE, SIMULATED_CHALLENGES
 from asirra.fileio import write_json_atomic
+from asirra.labels import CAT, CLASS_NAMES, DOG, is_binary, is_cat_dog
 from asirra.metrics import log_loss, mistake_order, multiclass_metrics  # log_loss: one home, re-exported here
+from asirra.stats import sample_subsets, wilson_interval
 
 # ---- inputs ---------------------------------------------------------------------------------
 
@@ -43,11 +46,12 @@ def check_predictions(y_true, p_dog) -> tuple[np.ndarray, np.ndarray]:
 # ---- metrics --------------------------------------------------------------------------------
 
 
-def classification_metrics(y_true, p_dog, threshold: float = THRESHOLD) -> dict:
-    """Accuracy, log loss, AUC, Brier score, confusion matrix and per-class accuracy.
+def classification_metrics(y_true, p_dog, threshold: float = THRESHOLD, classes=CLASS_NAMES) -> dict:
+    """Accuracy, log loss, AUC, Brier score, confusion matrix and per-class accuracy of a binary model.
 
-    `confusion` is [[cat->cat, cat->dog], [dog->cat, dog->dog]] (rows true, columns predicted).
-    `auc` is None, and a per-class accuracy is None, when that class is absent from y_true.
+    `confusion` is [[cat->cat, cat->dog], [dog->cat, dog->dog]] (rows true, columns predicted; any
+    binary model's `classes` in their place). `auc` is None, and a per-class accuracy is None, when
+    that class is absent from y_true.
     """
     y, p = check_predictions(y_true, p_dog)
     if not 0.0 <= threshold <= 1.0:
@@ -56,7 +60,7 @@ def classification_metrics(y_true, p_dog, threshold: float = THRESHOLD) -> dict:
     cm = confusion_matrix(y, predicted, labels=[CAT, DOG])
     per_class = {
         name: (float(cm[label, label] / cm[label].sum()) if cm[label].sum() else None)
-        for label, name in ((CAT, CLASS_NAMES[CAT]), (DOG, CLASS_NAMES[DOG]))
+        for label, name in ((CAT, str(classes[CAT])), (DOG, str(classes[DOG])))
     }
     return {
         "n": int(len(y)),
@@ -68,37 +72,6 @@ def classification_metrics(y_true, p_dog, threshold: float = THRESHOLD) -> dict:
         "confusion": cm.tolist(),
         "per_class_accuracy": per_class,
     }
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% for z = 1.96).
-
-    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or n
-    successes, which is exactly where solve rates of good and bad classifiers sit.
-    """
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
-    rate = successes / n
-    denominator = 1 + z**2 / n
-    centre = (rate + z**2 / (2 * n)) / denominator
-    half_width = z * math.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2)) / denominator
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
-
-
-def sample_subsets(rng: np.random.Generator, n: int, size: int, count: int) -> np.ndarray:
-    """`count` uniformly random `size`-subsets of range(n), as a (count, size) index array.
-
-    Floyd's algorithm, vectorised across rows: `size` steps of O(count * size) work, whatever n is,
-    so 10,000 challenges from a pool of 19,000 images need no (count, n) matrix.
-    """
-    chosen = np.empty((count, size), dtype=np.int64)
-    for step, j in enumerate(range(n - size, n)):
-        candidate = rng.integers(0, j + 1, size=count)
-        taken = (chosen[:, :step] == candidate[:, None]).any(axis=1)
-        chosen[:, step] = np.where(taken, j, candidate)
-    return chosen
 
 
 def challenge_solve_rate(
@@ -157,15 +130,18 @@ class EvaluationReport:
 
 
 def evaluate_predictions(
-    y_true, p_dog, threshold: float = THRESHOLD, n_challenges: int = 10_000, seed: int = 0, info: dict | None = None
+    y_true, p_dog, threshold: float = THRESHOLD, n_challenges: int = SIMULATED_CHALLENGES, seed: int = 0, info: dict | None = None,
+    classes: Sequence[str] = CLASS_NAMES,
 ) -> EvaluationReport:
-    """Classification metrics and the challenge solve rate of one set of predictions.
+    """Classification metrics of one set of binary predictions, and for the cat/dog model the challenge solve rate.
 
     With fewer images than one challenge holds there is nothing to draw challenges from: the solve
     rate is then None, while `p12` (accuracy**12) still estimates it.
     """
-    metrics = classification_metrics(y_true, p_dog, threshold)
-    if metrics["n"] >= CHALLENGE_SIZE:
+    metrics = classification_metrics(y_true, p_dog, threshold, classes=classes)
+    if not is_cat_dog(classes):
+        challenge = {}  # a CAPTCHA asks about one class of a cat/dog pool (see `asirra attack --target`)
+    elif metrics["n"] >= CHALLENGE_SIZE:
         challenge = challenge_solve_rate(y_true, p_dog, n_challenges=n_challenges, seed=seed, threshold=threshold)
     else:
         challenge = {"challenge_solve_rate": None, "challenges": 0, "ci_low": None, "ci_high": None,
@@ -183,8 +159,9 @@ def write_evaluation(
     k_mistakes: int = 24,
     p_dog_calibrated=None,
     mistakes_note: str = "",
+    classes: Sequence[str] = CLASS_NAMES,
 ) -> dict[str, Path]:
-    """Write metrics.json, confusion.png, roc.png, reliability.png and mistakes.png into `out_dir`.
+    """Write metrics.json, confusion.png, roc.png, reliability.png and mistakes.png of a binary model into `out_dir`.
 
     `images_for_mistakes(indices)` returns the pictures of those evaluated images (only the worst
     mistakes are ever loaded); `names[i]` is image i's file name. `p_dog_calibrated`, if given, is
@@ -198,12 +175,14 @@ def write_evaluation(
     mistakes = worst_mistakes(y, p, k=k_mistakes, threshold=threshold).tolist()
     return {
         "metrics": write_json_atomic(out_dir / "metrics.json", report.to_json()),
-        "confusion": plots.plot_confusion(np.array(report.metrics["confusion"]), out_dir / "confusion.png"),
-        "roc": plots.plot_roc(y, p, out_dir / "roc.png"),
-        "reliability": plots.plot_reliability(y, p, out_dir / "reliability.png", p_dog_after=p_dog_calibrated),
+        "confusion": plots.plot_confusion(np.array(report.metrics["confusion"]), out_dir / "confusion.png",
+                                          class_names=tuple(classes)),
+        "roc": plots.plot_roc(y, p, out_dir / "roc.png", classes=classes),
+        "reliability": plots.plot_reliability(y, p, out_dir / "reliability.png", p_dog_after=p_dog_calibrated,
+                                              classes=classes),
         "mistakes": plots.plot_image_grid(
             images_for_mistakes(mistakes),
-            [f"{names[i]}  P(dog)={p[i]:.2f}" for i in mistakes],
+            [f"{names[i]}  P({classes[1]})={p[i]:.2f}" for i in mistakes],
             out_dir / "mistakes.png",
             colors=["red"] * len(mistakes),
             title=(f"{len(mistakes)} most confident mistakes" if mistakes else "no mistakes") + mistakes_note,
@@ -270,8 +249,42 @@ class Evaluation:
     predictions: object  # asirra.predict.Predictions: the scored refs, P(dog), logits and the unusable files
     files: dict[str, Path]
 
+    def summary_lines(self) -> list[str]:
+        """The evaluation in a few lines of text: the headline figures, then the files written."""
+        r = self.report.to_json()
+        if "top_k_accuracy" in r:  # N classes
+            top = "  ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in r["top_k_accuracy"].items())
+            lines = [f"{r['n']} images, {len(r['classes'])} classes  {top}  macro-F1 {r['macro_f1']:.4f}  "
+                     f"log loss {r['log_loss']:.4f}  ECE {r['ece']:.4f}"]
+        else:
+            auc = "n/a (one class)" if r["auc"] is None else f"{r['auc']:.4f}"
+            lines = [f"{r['n']} images  accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  AUC {auc}"]
+            if r.get("challenge_solve_rate") is not None:
+                lines.append(f"12-image challenges solved: {r['challenge_solve_rate']:.4f} "
+                             f"(95% CI {r['ci_low']:.4f}-{r['ci_high']:.4f}; p^12 = {r['p12']:.4f})")
+        return lines + [f"{name}: {file}" for name, file in self.files.items()]
 
-def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int = 10_000, seed: int = 0,
+
+def evaluate_data(classifier, data: str | Path | None, out_dir: Path, *, split: str | Path | None = None,
+                  limit: int | None = None, seed: int = 0, n_challenges: int = SIMULATED_CHALLENGES, explain: bool = False,
+                  progress: bool = True) -> Evaluation:
+    """`evaluate_model` on the labelled images under `data` (the --data lookup when None): a run's
+    validation images with `split` (its folder), then a stratified `limit` of them; labels follow the
+    model's class order by name."""
+    from asirra.data import class_names, labelled_split_dirs, resolve_data_root, scan
+    from asirra.predict import align_labels
+    from asirra.splits import evaluation_sample
+
+    root = resolve_data_root(data)
+    labelled = labelled_split_dirs(root)[0] or root
+    refs = evaluation_sample(scan(labelled, labelled=True), Path(split) / "split.json" if split is not None else None,
+                             limit, seed)
+    refs = align_labels(refs, class_names(labelled), classifier.classes)  # the data's class order -> the model's
+    return evaluate_model(classifier, refs, out_dir, n_challenges=n_challenges, seed=seed, info={"data": str(root)},
+                          progress=progress, explain=explain)
+
+
+def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int = SIMULATED_CHALLENGES, seed: int = 0,
                    info: dict | None = None, progress: bool = True, explain: bool = False) -> Evaluation:
     """Classify labelled refs, score them and write the report and plots into `out_dir`.
 
@@ -298,9 +311,11 @@ def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int 
 
     names = [r.name for r in preds.refs]
     note = " (Grad-CAM of the predicted class)" if explain else ""
-    if tuple(preds.classes) == CLASS_NAMES:
-        report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=n_challenges, seed=seed, info=context)
-        files = write_evaluation(report, preds.labels, preds.p_dog, pictures, names, out_dir, mistakes_note=note)
+    if is_binary(preds.classes):
+        report = evaluate_predictions(preds.labels, preds.p_dog, n_challenges=n_challenges, seed=seed, info=context,
+                                      classes=preds.classes)
+        files = write_evaluation(report, preds.labels, preds.p_dog, pictures, names, out_dir, mistakes_note=note,
+                                 classes=preds.classes)
     else:
         report = evaluate_classes(preds.labels, preds.proba, preds.classes, info=context)
         files = write_class_evaluation(report, preds.labels, preds.proba, preds.classes, pictures, names, out_dir,

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asirra import CAT, CLASS_NAMES, DOG
 from asirra.calibration import describe_row, predicted_index, probabilities
+from asirra.errors import DataError, ModelError
 from asirra.images import ImageSource, UnusableImage, read_file, read_pixels
+from asirra.labels import CAT, CLASS_NAMES, DOG
 
 COLORMAP = "turbo"
 OVERLAY_ALPHA = 0.6  # the heat map's opacity where the map peaks; it fades to none where the map is 0
@@ -55,7 +56,7 @@ def target_layer(model: nn.Module) -> tuple[str, nn.Module]:
         return "features[-1]", model.features[-1]
     if isinstance(model, PretrainedClassifier):
         return "backbone.top", model.backbone.top
-    raise ValueError(f"no Grad-CAM target layer is known for {type(model).__name__}")
+    raise ModelError(f"no Grad-CAM target layer is known for {type(model).__name__}")
 
 
 # ---- the method -------------------------------------------------------------------------------
@@ -160,7 +161,6 @@ def gradcam(model: nn.Module, pixels: np.ndarray, targets: Sequence[int] | None 
 def overlay(picture: np.ndarray, cam: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """The heat map blended over a uint8 (H, W, 3) picture, opacity growing with the map's value."""
     import matplotlib
-
     from PIL import Image
 
     h, w = picture.shape[:2]
@@ -234,7 +234,8 @@ def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: in
     With the model's `classes`, a labelled folder's labels are mapped to them by name (a class the
     model does not know leaves its images unlabelled: they are still explained, just not marked).
     """
-    from asirra.data import DataError, ImageRef, class_names, scan
+    from asirra.data import ImageRef, class_names, scan
+    from asirra.errors import DataError
     from asirra.predict import align_labels
 
     refs = []
@@ -269,7 +270,7 @@ def explain_refs(model: nn.Module, config, refs: Sequence, out_dir: Path, tta: b
     tta = config.tta if tta is None else tta
     classes = tuple(str(c) for c in config.classes)
     if target_class is not None and target_class not in classes:
-        raise ValueError(f"no class {target_class!r} to explain: the model's classes are {', '.join(classes)}")
+        raise ModelError(f"no class {target_class!r} to explain: the model's classes are {', '.join(classes)}")
     target = None if target_class is None else classes.index(target_class)
     layer_name, _ = target_layer(model)
     display = max(config.image_size, DISPLAY_MIN)
@@ -296,7 +297,10 @@ def explain_refs(model: nn.Module, config, refs: Sequence, out_dir: Path, tta: b
             if len(thumbs) < GRID_MAX:
                 thumbs.append(overlay(picture, cam))
     bar.close()
-    seconds = cam_seconds / len(items) if items else None  # forward + backward, drawing excluded
+    if not items:
+        raise DataError(f"none of the {len(refs)} images could be read"
+                        + (f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
+    seconds = cam_seconds / len(items)  # forward + backward, drawing excluded
     shown = items[:GRID_MAX]
     extra = f" (first {GRID_MAX} of {len(items)})" if len(items) > GRID_MAX else ""
     what = "the predicted class" if target is None else f"class {target_class!r}"

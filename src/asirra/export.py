@@ -14,13 +14,16 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from asirra.errors import DataError, ModelError
 from asirra.fileio import atomic_path, write_text_atomic
+
 
 
 def export_onnx(module: nn.Module, path: Path, image_size: int, output_name: str = "out") -> Path:
@@ -115,7 +118,7 @@ def calibration_pixels(folder: Path, image_size: int, n: int = 256, seed: int = 
         if len(pixels) == n:
             break
     if not pixels:
-        raise ValueError(f"no readable images in {folder} to calibrate int8 with")
+        raise DataError(f"no readable images in {folder} to calibrate int8 with")
     return np.stack(pixels)
 
 
@@ -176,17 +179,17 @@ def package_model(model_path: Path, dest: Path, calibration: np.ndarray | None =
     import json
     import shutil
 
-    from asirra import CLASS_NAMES
     from asirra.fileio import write_json_atomic, write_text_atomic
+    from asirra.labels import CLASS_NAMES
     from asirra.models import load_model, pretrained_sources, resolve_model_folder, save_model
 
     folder = resolve_model_folder(model_path)
     if folder.resolve() == Path(dest).resolve():
-        raise ValueError(f"{folder} is already the packaged model; pass the run folder it came from")
+        raise ModelError(f"{folder} is already the packaged model; pass the run folder it came from")
     net, config = load_model(folder)
     if tuple(config.classes) != CLASS_NAMES:
         # The default model answers the CAPTCHA (asirra.solve, the demo, the attack): it must be the cat/dog one.
-        raise ValueError(f"only a cat/dog model can be the package's default; {folder} has classes "
+        raise ModelError(f"only a cat/dog model can be the package's default; {folder} has classes "
                          f"{', '.join(map(str, config.classes))}")
     stale_files = ["split.json", "curves.png", "MODEL_CARD.md"] + [f"{f}{x}" for f in ONNX_FILES.values() for x in ("", ".weights")]
     for stale in stale_files:
@@ -246,3 +249,39 @@ def model_card(config, run: Path, weights_source: str, int8_note: str | None = N
         "",
     ]
     return "\n".join(lines)
+
+
+@dataclass
+class ExportReport:
+    """What `asirra export` wrote: files by kind ("onnx", "onnx-int8", "default model"), and the int8 calibration."""
+
+    files: dict[str, Path]
+    calibration_images: int | None = None
+
+    def summary_lines(self) -> list[str]:
+        note = f" (calibrated on {self.calibration_images} images)" if self.calibration_images else ""
+        return [f"{kind} -> {path}" + (note if kind != "onnx" else "") for kind, path in self.files.items()]
+
+
+def export_model(model: str | Path | None = None, *, onnx: bool = True, int8: bool = False,
+                 calibration: str | Path | None = None, package: bool = False) -> ExportReport:
+    """`asirra export`: the ONNX files of a model folder (the shipped model when None), or with `package`
+    the model installed as the package's default (with `int8`, its int8 export too)."""
+    from asirra.errors import ConfigError
+    from asirra.models import DEFAULT_MODEL_DIR, default_model_path, load_model, resolve_model_folder
+
+    if int8 and calibration is None:
+        raise ConfigError("--int8 needs --calibration: a folder of typical images (a few hundred are sampled)")
+    folder = resolve_model_folder(model) if model else default_model_path()
+    net, config = load_model(folder)
+    # Read before anything is written: a bad calibration folder must not leave a half-made export.
+    pixels = calibration_pixels(Path(calibration), config.image_size) if int8 else None
+    report = ExportReport({}, None if pixels is None else len(pixels))
+    if package:
+        report.files["default model"] = package_model(folder, DEFAULT_MODEL_DIR, calibration=pixels)
+        return report
+    if onnx:
+        report.files["onnx"] = export_beside_weights(net, folder, config.image_size)
+    if pixels is not None:
+        report.files["onnx-int8"] = quantize_beside_weights(net, folder, pixels)
+    return report

@@ -16,6 +16,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from asirra.errors import DataError
+
 # A decompression bomb is refused before any pixel buffer is allocated. 64 Mpx is far above any
 # pet photo (Kaggle's largest is ~0.5 Mpx) and far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
@@ -39,7 +41,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
 
-class UnusableImage(ValueError):
+class UnusableImage(DataError):
     """An input that cannot become model pixels; `reason` is a short, stable, human phrase."""
 
     def __init__(self, reason: str, name: str = ""):

@@ -14,9 +14,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
 from asirra.calibration import EPS, InvalidPredictions, as_1d
-
 from asirra.calibration import predicted_index as _predicted_index  # the one home of the top-1 rule
-
 
 # Rows of `proba` must sum to 1 within this: float32 softmax outputs written to CSV with 6 digits
 # drift by ~1e-6 per entry, so 1e-4 accepts them for any realistic N and still catches logits or

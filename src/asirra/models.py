@@ -17,10 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from asirra.errors import ConfigError, ModelError
 from asirra.fileio import atomic_path, write_json_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"  # the model shipped with asirra (`make model` makes it)
 
 
 @dataclass
@@ -45,6 +47,8 @@ def register(name: str, image_size: int, pretrained: bool = False):
     `pretrained` marks networks transfer learning can start from."""
 
     def wrap(factory):
+        if name in _REGISTRY:  # a second network under one name would silently replace the first
+            raise ValueError(f"a model named {name!r} is already registered ({_REGISTRY[name].__qualname__})")
         _REGISTRY[name] = factory
         _IMAGE_SIZES[name] = image_size
         if pretrained:
@@ -92,19 +96,19 @@ def create_model(name: str, pretrained: bool = True, image_size: int | None = No
     try:
         return _REGISTRY[name](pretrained=pretrained, image_size=image_size or _IMAGE_SIZES[name], **options)
     except TypeError as exc:
-        raise ValueError(f"{name} does not take the options {sorted(options)} ({exc})") from None
+        raise ModelError(f"{name} does not take the options {sorted(options)} ({exc})") from None
 
 
 def head_width(num_classes: int) -> int:
     """Outputs of a classifier head: one logit for two classes (P(class 1), as the cat/dog model), else N."""
     if int(num_classes) < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        raise ModelError(f"a classifier needs at least 2 classes, got {num_classes}")
     return 1 if int(num_classes) == 2 else int(num_classes)
 
 
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(available_models())}")
 
 
 # ---- seed-cnn: the classic notebook network ------------------------------------------------
@@ -124,7 +128,7 @@ class SeedCNN(nn.Module):
         self.n_outputs = head_width(num_classes)
         widths = tuple(int(w) for w in widths)
         if not widths or image_size % 2 ** len(widths):
-            raise ValueError(f"the input size ({image_size}) must be divisible by 2 ** depth ({2 ** len(widths)})")
+            raise ConfigError(f"the input size ({image_size}) must be divisible by 2 ** depth ({2 ** len(widths)})")
 
         def norm(kind, channels: int) -> nn.Module:
             return kind(channels) if batch_norm else nn.Identity()
@@ -182,7 +186,7 @@ class LiteBackbone(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         if variant not in LITE_SIZES:
-            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; available: {', '.join(LITE_SIZES)}")
+            raise ModelError(f"unknown EfficientNet-Lite variant {variant!r}; available: {', '.join(LITE_SIZES)}")
         self.variant = variant
         self.size = size or LITE_SIZES[variant]
         # TensorFlow "same" padding is fixed per input size here: build it for the size fed, not the native one.
@@ -297,17 +301,25 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig]:
     try:
         config = ModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
     except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{folder / CONFIG_FILE} is not an asirra model config ({exc})") from None
+        raise ModelError(f"{folder / CONFIG_FILE} is not an asirra model config ({exc})") from None
     model = create_model(config.name, pretrained=False, image_size=config.image_size,
                          **{**config.options, **class_option(len(config.classes))})
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / WEIGHTS_FILE).items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise ValueError(f"{folder}: weights do not fit {config.name} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{folder}: weights do not fit {config.name} ({str(exc).splitlines()[0]})") from None
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match {config.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelError(f"{folder}: weights do not match {config.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), config
+
+
+def default_model_path() -> Path:
+    """The folder of the model shipped with asirra."""
+    folder = DEFAULT_MODEL_DIR
+    if not (folder / CONFIG_FILE).exists():
+        raise ModelError("the default model is missing from this installation; pass --model or run `make model`")
+    return folder
 
 
 def resolve_model_folder(path: str | os.PathLike) -> Path:
@@ -317,4 +329,4 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
-    raise ValueError(f"no model at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}, or a run folder holding model/)")
+    raise ModelError(f"no model at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE}, or a run folder holding model/)")

@@ -24,13 +24,15 @@ from PIL import Image
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from asirra.errors import DataError
 from asirra.fileio import atomic_path
+from asirra.labels import CLASS_NAMES
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 DPI = 100
 
 
-class MetricsFileError(ValueError):
+class MetricsFileError(DataError):
     """A metrics.csv that cannot be plotted (missing, empty, or without the expected columns)."""
 
 
@@ -104,7 +106,7 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path:
 # ---- classifier quality ---------------------------------------------------------------------
 
 
-def plot_confusion(cm: np.ndarray, out: Path, class_names: Sequence[str] = ("cat", "dog")) -> Path:
+def plot_confusion(cm: np.ndarray, out: Path, class_names: Sequence[str] = CLASS_NAMES) -> Path:
     """A 2x2 confusion matrix (rows = true class, columns = predicted) with counts and row percentages."""
     cm = np.asarray(cm)
     if cm.shape != (len(class_names), len(class_names)):
@@ -164,8 +166,8 @@ def plot_confusion_matrix(cm: np.ndarray, out: Path, class_names: Sequence[str])
     return save_figure(fig, out)
 
 
-def plot_roc(y_true, p_dog, out: Path) -> Path:
-    """ROC curve for 'dog' as the positive class, AUC in the legend.
+def plot_roc(y_true, p_dog, out: Path, classes: Sequence[str] = CLASS_NAMES) -> Path:
+    """ROC curve for class 1 ('dog') as the positive class, AUC in the legend.
 
     With only one class present the curve is undefined; the figure then says so instead of failing,
     so an evaluation of an all-cat folder still produces its full set of plots.
@@ -181,8 +183,9 @@ def plot_roc(y_true, p_dog, out: Path) -> Path:
         ax.text(0.5, 0.5, "ROC undefined:\nonly one class present", ha="center", va="center")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (cats called dog)")
-    ax.set_ylabel("true positive rate (dogs called dog)")
+    negatives, positives = (_plural(c) for c in classes)
+    ax.set_xlabel(f"false positive rate ({negatives} called {classes[1]})")
+    ax.set_ylabel(f"true positive rate ({positives} called {classes[1]})")
     ax.set_title("ROC")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
@@ -196,6 +199,7 @@ def plot_reliability(
     n_bins: int = 10,
     p_dog_after=None,
     labels: tuple[str, str] = ("model", "temperature-scaled"),
+    classes: Sequence[str] = CLASS_NAMES,
 ) -> Path:
     """Calibration diagram: observed dog frequency vs mean predicted P(dog), per probability bin.
 
@@ -212,11 +216,16 @@ def plot_reliability(
         observed, predicted = calibration_curve(y_true, probs, n_bins=n_bins, strategy="uniform")
         curve_ax.plot(predicted, observed, "-o", markersize=4, label=name)
         count_ax.hist(probs, bins=edges, histtype="step", linewidth=1.5, label=name)
-    _finish_reliability_curve(curve_ax, "observed fraction of dogs", "reliability diagram")
+    _finish_reliability_curve(curve_ax, f"observed fraction of {_plural(classes[1])}", "reliability diagram")
     count_ax.set_yscale("log")
-    count_ax.set_xlabel("predicted P(dog)")
+    count_ax.set_xlabel(f"predicted P({classes[1]})")
     count_ax.set_ylabel("images")
     return save_figure(fig, out)
+
+
+def _plural(name: str) -> str:
+    """"cats" for the cat/dog classes; any other class named as itself ("class '7'")."""
+    return f"{name}s" if name in CLASS_NAMES else f"class {name!r}"
 
 
 def _reliability_figure():

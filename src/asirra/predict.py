@@ -1,15 +1,17 @@
 """Inference: a Classifier over any model file, on PyTorch or ONNX Runtime, and prediction CSVs.
 
 Every input goes through asirra.images.read_pixels, the same function that filled the training
-cache, so train and predict see identical pixels. A model has N >= 2 classes (ModelConfig.classes):
-`predict_classes_proba` gives (n, N) probabilities for any of them; `predict_proba` (P(class 1),
-i.e. P(dog)) and the Kaggle submission are the two-class views the cat/dog model has always had.
+cache, so train and predict see identical pixels. A model has N >= 2 classes (ModelConfig.classes).
+As in scikit-learn, `predict_proba` is always (n, N), columns in the order of `classes`, and
+`predict` gives each image's class name; a binary model keeps its single logit inside (column 1 is
+P(class 1) = P(dog), exactly the calibrated sigmoid). The Kaggle submission is the cat/dog view.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +20,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from asirra import CAT, CLASS_NAMES
 from asirra.cache import default_cache_dir
+from asirra.calibration import describe_row, predicted_index, predicted_labels, probabilities
 from asirra.config import BACKENDS, DEFAULT_BACKEND
-from asirra.calibration import apply_temperature, describe_row, predicted_index, predicted_labels, probabilities
-from asirra.images import ImageSource, UnusableImage, read_pixels
+from asirra.errors import ConfigError, DataError, ModelError
 from asirra.fileio import atomic_path
-from asirra.models import ModelConfig, load_model, resolve_model_folder
-
-DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
-
-
-def default_model_path() -> Path:
-    if not (DEFAULT_MODEL_DIR / "model.json").exists():
-        raise ValueError("the default model is missing from this installation; pass --model or run `make model`")
-    return DEFAULT_MODEL_DIR
+from asirra.images import ImageSource, UnusableImage, read_pixels
+from asirra.labels import CAT, CLASS_NAMES, is_cat_dog
+from asirra.models import ModelConfig, default_model_path, load_model, resolve_model_folder
 
 
-class TargetClassError(ValueError):
+class TargetClassError(ModelError):
     """A CAPTCHA asks to select a class the model does not know."""
 
 
@@ -53,14 +48,13 @@ def resolve_backend(backend: str, model: torch.nn.Module, folder: Path | None) -
 
 
 class Classifier:
-    """Class probabilities for images: `predict_classes_proba(sources)` -> (n, N) for any model,
-    `predict_proba(sources)` -> P(class 1) (P(dog)) for two-class ones, and `solve(sources)` for a
-    CAPTCHA challenge ("select every cat", or every `target` class)."""
+    """Class probabilities for images: `predict_proba(sources)` -> (n, N), `predict(sources)` -> class
+    names, and `solve(sources)` for a CAPTCHA challenge ("select every cat", or every `target` class)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND, folder: Path | None = None,
                  tta: bool | None = None):
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         backend = resolve_backend(backend, model, folder)
         self.model, self.config, self.backend, self.folder = model, config, backend, folder
         # The temperature was fitted on the logits the model was validated with: use the same by default.
@@ -76,8 +70,13 @@ class Classifier:
 
     @property
     def is_cat_dog(self) -> bool:
-        """The cat/dog model (classes exactly ("cat", "dog")): its figures and files keep their binary form."""
-        return self.classes == CLASS_NAMES
+        """The cat/dog model (classes exactly ("cat", "dog")): CAPTCHA figures and Kaggle submissions."""
+        return is_cat_dog(self.classes)
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class names in column order, as scikit-learn's estimators name them."""
+        return np.array(self.classes)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (n, S, S, 3) -> raw logits (before temperature), averaged with the mirror if tta:
@@ -97,11 +96,7 @@ class Classifier:
             return _batch_first(self.model(x).double().numpy(), len(pixels))
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities: P(class 1) for 1-D (two-class) logits, (n, N) for (n, N) logits."""
-        return apply_temperature(logits, self.config.temperature)
-
-    def classes_proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated (n, N) class probabilities, for any number of classes (columns [1 - p, p] for two)."""
+        """Calibrated (n, N) class probabilities from raw logits (columns [1 - p, p] for a binary model)."""
         return probabilities(logits, self.config.temperature)
 
     # -- images in ---------------------------------------------------------------------------
@@ -119,21 +114,24 @@ class Classifier:
         return np.stack(list(self._pool.map(read, enumerate(sources))))
 
     def predict_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        """P(class 1) of each image (P(dog) for the cat/dog model); two-class models only."""
-        _check_list(sources, "predict_proba")
-        if len(self.classes) != 2:
-            raise ValueError(f"{self.name} has {len(self.classes)} classes; predict_proba is P(class 1) of a "
-                             "two-class model: use predict_classes_proba")
-        if len(sources) == 0:
-            return np.zeros(0)
-        return self.proba_from_logits(self.logits(self.pixels(sources)))
+        """(n, N) calibrated class probabilities, columns in the order of `classes`; rows sum to 1.
 
-    def predict_classes_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        """(n, N) calibrated class probabilities, columns in the order of `classes`; rows sum to 1."""
-        _check_list(sources, "predict_classes_proba")
+        For the cat/dog model column 1 is P(dog). An unreadable image raises UnusableImage naming it.
+        """
+        _check_list(sources, "predict_proba")
         if len(sources) == 0:
             return np.zeros((0, len(self.classes)))
-        return self.classes_proba_from_logits(self.logits(self.pixels(sources)))
+        return self.proba_from_logits(self.logits(self.pixels(sources)))
+
+    def predict(self, sources: Sequence[ImageSource]) -> np.ndarray:
+        """Each image's class name, by the package's one decision rule (P(dog) >= 0.5 for cat/dog, argmax for N)."""
+        return np.array(self.classes)[predicted_index(self.predict_proba(sources))] if len(sources) else np.array([])
+
+    def predict_classes_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
+        """Deprecated: `predict_proba` is now (n, N) for every model."""
+        warnings.warn("Classifier.predict_classes_proba is deprecated and will be removed in asirra 0.3; "
+                      "predict_proba returns the same (n, N) probabilities", DeprecationWarning, stacklevel=2)
+        return self.predict_proba(sources)
 
     def target_index(self, target: str | None = None) -> int:
         """The column of the class a CAPTCHA selects (default: self.target, "cat"); a clear error if unknown."""
@@ -153,7 +151,7 @@ class Classifier:
         """Which challenge images are `target` (default self.target, "cat"): the package's one decision rule
         (the THRESHOLD on P(dog) for cat/dog, argmax for N classes)."""
         index = self.target_index(target)
-        calls = predicted_index(self.predict_classes_proba(sources))
+        calls = predicted_index(self.predict_proba(sources))
         return [bool(call == index) for call in calls]
 
     # -- ONNX --------------------------------------------------------------------------------
@@ -174,7 +172,7 @@ class Classifier:
         if exported is not None:
             return exported
         if self.backend == "onnx-int8":
-            raise ValueError(f"no int8 export of this model in {self.folder}; make one with "
+            raise ModelError(f"no int8 export of this model in {self.folder}; make one with "
                              "`asirra export --model FOLDER --int8 --calibration IMAGES`")
         path = default_cache_dir() / "onnx" / f"{self.name}-{state_fingerprint(self.model)}.onnx"
         if not path.exists():
@@ -204,7 +202,7 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAU
 # ---- many images: folders, evaluation, submissions -----------------------------------------
 
 
-class LabelMismatch(ValueError):
+class LabelMismatch(DataError):
     """Labelled images of a class the model was not trained on."""
 
 
@@ -283,7 +281,7 @@ def predict_refs(clf: Classifier, refs: Sequence, batch_size: int = 64, progress
     bar.close()
     n_classes = len(clf.classes)
     z = np.concatenate(logits) if logits else np.zeros(0 if n_classes == 2 else (0, n_classes))
-    return Predictions(usable, clf.classes_proba_from_logits(z), z, unusable, clf.classes)
+    return Predictions(usable, clf.proba_from_logits(z), z, unusable, clf.classes)
 
 
 def plot_predictions(preds: Predictions, out: Path, n: int = 24, title: str | None = None) -> Path:
@@ -336,7 +334,7 @@ def write_predictions(preds: Predictions, out: Path, proba: bool = False) -> Pat
     P(dog)) for the cat/dog model, else id,label with the class name (with `proba`, p_<class> columns);
     the id is the file's Kaggle id, or its path below the folder when those ids repeat."""
     ids = [r.id for r in preds.refs]
-    if tuple(preds.classes) == CLASS_NAMES:
+    if is_cat_dog(preds.classes):
         return write_submission(ids, preds.p_dog, out, proba=proba)
     if len(set(ids)) < len(ids):  # class folders may each hold a 1.png: their paths below the root are unique
         ids = [r.name for r in preds.refs]

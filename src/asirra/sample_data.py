@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from asirra.errors import UserError
 from asirra.fileio import atomic_path
 
 DIGITS_MAX = 16  # load_digits intensities run 0..16
 
 
-class SampleDataError(ValueError):
+class SampleDataError(UserError):
     """The sample set cannot be written (a bad size, or an output path that is a file)."""
 
 

@@ -8,6 +8,7 @@ run X" in any folder holding the same photos.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
-from asirra.data import DataError
+from asirra.errors import ConfigError, DataError
 from asirra.fileio import write_json_atomic
+from asirra.stats import stratified_subset
+
+log = logging.getLogger(__name__)
 
 
 def stratified_split(labels, val_fraction: float, seed: int,
@@ -29,7 +33,7 @@ def stratified_split(labels, val_fraction: float, seed: int,
     from sklearn.model_selection import train_test_split
 
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     labels = np.asarray(labels, dtype=np.int64)
     classes = _names(labels, classes)
     check_class_counts(labels, classes, 2, "to split into training and validation")
@@ -66,19 +70,6 @@ def _names(labels: np.ndarray, classes: Sequence[str] | None) -> tuple[str, ...]
     return tuple(str(i) for i in range(max(2, int(labels.max()) + 1 if len(labels) else 2)))
 
 
-def stratified_subset(labels, limit: int | None, seed: int) -> np.ndarray:
-    """Sorted positions of a stratified random `limit` of the images (all of them when limit is None)."""
-    if not limit or limit >= len(labels):
-        return np.arange(len(labels))
-    from sklearn.model_selection import train_test_split
-
-    n_classes = len(np.unique(np.asarray(labels)))
-    if limit < n_classes:
-        raise DataError(f"a stratified subset of {limit} images cannot hold one of each of the {n_classes} classes")
-    keep, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=np.asarray(labels), random_state=seed)
-    return np.sort(keep)
-
-
 def save_split(run: Path, cached, train_idx, val_idx) -> None:
     write_json_atomic(Path(run) / "split.json", {
         "train": [cached.keys[i] for i in train_idx],
@@ -104,7 +95,7 @@ def validation_refs(refs, split_file: Path) -> list:
     from asirra.images import UnusableImage
 
     if not Path(split_file).is_file():
-        raise ValueError(f"no split.json at {split_file}: pass a training run folder")
+        raise ConfigError(f"no split.json at {split_file}: pass a training run folder")
     keys = set(json.loads(Path(split_file).read_text())["val"])
     kept = []
     for ref in refs:
@@ -126,7 +117,7 @@ def drop_duplicate_content(cached):
         return cached
     dropped = [{"path": cached.refs[i].source, "reason": f"same content as {cached.refs[first[k]].name}"}
                for i, k in enumerate(cached.keys) if first[k] != i]
-    print(f"{len(dropped)} images duplicate another image's content and were dropped")
+    log.info(f"{len(dropped)} images duplicate another image's content and were dropped")
     return replace(cached, refs=[cached.refs[i] for i in keep], rows=cached.rows[keep],
                    keys=[cached.keys[i] for i in keep], unusable=cached.unusable + dropped)
 

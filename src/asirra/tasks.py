@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from asirra import CLASS_NAMES
 from asirra.augment import random_affine, to_float_batch
 from asirra.config import Strategy, TrainConfig
 from asirra.distributed import local_batch_size, rank_seed, shard
+from asirra.errors import ConfigError
+from asirra.labels import CLASS_NAMES
 from asirra.models import PretrainedClassifier, model_for, pretrained_models
 from asirra.transfer import cached_activations
 
@@ -219,14 +220,14 @@ def make_task(cached, train_idx, val_idx, config: TrainConfig, classes: Sequence
         return PixelTask(model_for(config, num_classes=len(classes)), cached, train_idx, val_idx, config, classes)
     net = model_for(config, pretrained=True, num_classes=len(classes))
     if not isinstance(net, PretrainedClassifier):
-        raise ValueError(f"strategy {config.strategy!r} needs a pretrained backbone ({', '.join(pretrained_models())}), "
+        raise ConfigError(f"strategy {config.strategy!r} needs a pretrained backbone ({', '.join(pretrained_models())}), "
                          f"not {config.model}")
     if config.strategy == Strategy.linear:
         k = None
     else:
         n_blocks = net.backbone.n_blocks
         if not 1 <= config.unfreeze <= n_blocks:
-            raise ValueError(f"--unfreeze must be between 1 and {n_blocks}, got {config.unfreeze}")
+            raise ConfigError(f"--unfreeze must be between 1 and {n_blocks}, got {config.unfreeze}")
         k = n_blocks - config.unfreeze
         if k == 0:
             return PixelTask(net, cached, train_idx, val_idx, config, classes)

@@ -18,11 +18,10 @@ timings.json.
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,15 +31,32 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from asirra import CLASS_NAMES
 from asirra.calibration import apply_temperature, fit_temperature, predicted_index, predicted_labels, probabilities
-from asirra.config import Schedule, TrainConfig
-from asirra.distributed import (agree, average_buffers, average_gradients, broadcast_parameters, main_first,
-                                main_only, sum_over_ranks, threads_per_process, world)
+from asirra.config import RESUMABLE_CHANGES, Schedule, TrainConfig
+from asirra.distributed import (
+    agree,
+    average_buffers,
+    average_gradients,
+    broadcast_parameters,
+    launch,
+    leave,
+    main_first,
+    main_only,
+    sum_over_ranks,
+    threads_per_process,
+    world,
+)
+from asirra.errors import ConfigError, DataError, ModelError
 from asirra.fileio import atomic_path, write_json_atomic
+from asirra.labels import CLASS_NAMES, is_binary
 from asirra.models import ModelConfig, available_models, input_size, save_model
-from asirra.splits import drop_duplicate_content, load_split, save_split, stratified_split, stratified_subset
+from asirra.runs import RunFolderError, check_stamp, stamped
+from asirra.splits import drop_duplicate_content, load_split, save_split, stratified_split
+from asirra.stats import stratified_subset
 from asirra.tasks import Task, make_task
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"  # the run folder's stamp: `asirra train --config` reruns it
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -66,11 +82,11 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
         try:
             task.model.load_state_dict(saved["model"])
         except RuntimeError as exc:
-            raise ValueError(f"{checkpoint} does not fit {config.model} ({str(exc).splitlines()[0]})") from None
+            raise RunFolderError(f"{checkpoint} does not fit {config.model} ({str(exc).splitlines()[0]})") from None
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        print(f"resuming {run} after epoch {state['epoch']}")
+        log.info(f"resuming {run} after epoch {state['epoch']}")
     if resume and world().is_main:
         # Also without a checkpoint: a first epoch can be logged and killed before its checkpoint lands.
         _truncate_metrics(run / "metrics.csv", state["epoch"])
@@ -78,7 +94,7 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
 
     stopped_early = state["bad_epochs"] >= config.patience
     if stopped_early:
-        print(f"run {run} had already stopped early after epoch {state['epoch']}")
+        log.info(f"run {run} had already stopped early after epoch {state['epoch']}")
     for epoch in range(state["epoch"], state["epoch"] if stopped_early else config.epochs):
         started = time.perf_counter()
         train_loss, train_acc = _train_one_epoch(task, optimizer, scheduler, config, epoch)
@@ -103,12 +119,12 @@ def fit(task: Task, config: TrainConfig, run: Path, resume: bool = False,
         if world().is_main:
             _append_metrics(run / "metrics.csv", row)
             _save_checkpoint(checkpoint, task, optimizer, scheduler, state)
-        print(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+        log.info(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
               f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}{'  *' if improved else ''}")
         if on_epoch is not None:
             on_epoch(row)
         if state["bad_epochs"] >= config.patience:
-            print(f"early stopping: validation loss has not improved for {config.patience} epochs")
+            log.info(f"early stopping: validation loss has not improved for {config.patience} epochs")
             break
     return state
 
@@ -253,22 +269,42 @@ def environment() -> dict:
 
 
 def prepare_run(config: TrainConfig, resume: bool) -> Path:
+    """The run folder for `config`: new (or started over), or with `resume` the same run continued.
+
+    A resumed run may train longer or faster (RESUMABLE_CHANGES), never on other data or otherwise.
+    """
     if config.model not in available_models():
-        raise ValueError(f"unknown model {config.model!r}; available: {', '.join(available_models())}")
+        raise ModelError(f"unknown model {config.model!r}; available: {', '.join(available_models())}")
     run = Path(config.out)
-    config_path = run / "config.json"
+    settings = config.to_dict()
     if resume:
-        if not config_path.exists():
-            raise ValueError(f"nothing to resume at {run} (no config.json)")
-        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
-        if saved.model != config.model or saved.strategy != config.strategy:
-            raise ValueError(f"{run} was a {saved.model}/{saved.strategy} run; resume it with the same model")
+        if stamped(run, CONFIG_FILE) is None:
+            raise RunFolderError(f"nothing to resume at {run} (no {CONFIG_FILE})")
+        check_stamp(run, settings, CONFIG_FILE, "training run", keys=[k for k in settings if k not in RESUMABLE_CHANGES])
     elif (run / "checkpoint.pt").exists():
-        raise ValueError(f"{run} already holds a training run; pass --resume to continue it or choose another --out")
+        raise RunFolderError(f"{run} already holds a training run; pass --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config_path, config.to_dict())
+    write_json_atomic(run / CONFIG_FILE, settings)
     write_json_atomic(run / "env.json", environment())
     return run
+
+
+def train_on_processes(config: TrainConfig, resume: bool, nproc: int) -> int:
+    """`train` on `nproc` local processes under torchrun (`asirra train --nproc N`); torchrun's exit code.
+
+    The run folder is checked and its config.json written here, so bad input fails once, before N
+    processes start; the ranks then train from that config.json (rank 0 rewrites it unchanged).
+    """
+    from asirra.distributed import local_batch_size
+
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc starts its own processes; leave it out under torchrun")
+    local_batch_size(config.batch_size, nproc)
+    run = prepare_run(config, resume)
+    code = launch(nproc, ["--config", str(run / CONFIG_FILE), *(["--resume"] if resume else [])])
+    if code:
+        log.error(f"distributed training failed (torchrun exit code {code})")
+    return code
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -302,16 +338,17 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     cached = main_first(load_pixels, config, run)  # one process per machine decodes into the cache, then the others
     agree(cached.keys, "images under --data")  # the split's positions must mean the same images on every rank
     train_idx, val_idx = main_only(_split, run, cached, config, resume, classes)
-    print(f"{len(train_idx)} training and {len(val_idx)} validation images of {len(classes)} classes "
-          f"({len(cached.unusable)} unusable skipped); run folder {run}")
+    log.info(f"{len(train_idx)} training and {len(val_idx)} validation images of {len(classes)} classes "
+             f"({len(cached.unusable)} unusable skipped); run folder {run}")
     timings.lap("decode_and_cache_pixels")
     train_on(cached, train_idx, val_idx, config, run, resume=resume, timings=timings, classes=classes)
+    leave()  # a data-parallel run's ranks part together; a no-op in one process
     return run
 
 
 def dataset_classes(config: TrainConfig) -> tuple[str, ...]:
     """The class names of the config's data, in label order (asirra.data.class_names); two or more."""
-    from asirra.data import DataError, class_names
+    from asirra.data import class_names
 
     classes = class_names(config.data)
     if len(classes) < 2:
@@ -412,7 +449,7 @@ def finalize(run: Path, task, config: TrainConfig) -> tuple[dict, np.ndarray]:
     save_model(task.model, model_config, run / "model")
     metrics = {"val": after, "val_uncalibrated": before, "temperature": temperature}
     write_json_atomic(run / "metrics.json", metrics)
-    print(f"best model: val accuracy {after['accuracy']:.4f}, log loss {after['log_loss']:.4f} "
+    log.info(f"best model: val accuracy {after['accuracy']:.4f}, log loss {after['log_loss']:.4f} "
           f"(uncalibrated {before['log_loss']:.4f}, temperature {temperature:.3f}) -> {run / 'model'}")
     return metrics, apply_temperature(logits, temperature)
 
@@ -420,12 +457,12 @@ def finalize(run: Path, task, config: TrainConfig) -> tuple[dict, np.ndarray]:
 def validation_metrics(labels: np.ndarray, logits: np.ndarray, temperature: float,
                        classes: Sequence[str] = CLASS_NAMES) -> dict:
     """The run's validation figures at `temperature`: evaluate.classification_metrics (accuracy, log
-    loss, AUC, ...) for a one-logit model, as before; for N classes asirra.metrics.multiclass_metrics
-    (accuracy, top-k, macro-F1, log loss, per-class, confusion), with auc None."""
-    if np.ndim(logits) == 1:
+    loss, AUC, ...) for a binary model; for N classes asirra.metrics.multiclass_metrics (accuracy,
+    top-k, macro-F1, log loss, per-class, confusion), with auc None."""
+    if is_binary(classes):
         from asirra.evaluate import classification_metrics
 
-        return classification_metrics(labels, apply_temperature(logits, temperature))
+        return classification_metrics(labels, apply_temperature(logits, temperature), classes=classes)
     from asirra.metrics import multiclass_metrics
 
     return {**multiclass_metrics(labels, probabilities(logits, temperature), classes), "auc": None}
@@ -435,12 +472,13 @@ def write_val_predictions(run: Path, cached, val_idx, proba: np.ndarray,
                           classes: Sequence[str] = CLASS_NAMES) -> Path:
     """val_predictions.csv: content key, file name, label and calibrated probabilities of every validation image.
 
-    One-logit (cat/dog) models write P(dog) as `p_dog`; N-class models one column `p_<class>` per class.
+    Binary models write P(class 1) as `p_<class 1>` (`p_dog` for cat/dog); N-class models one column
+    `p_<class>` per class.
     Cross-validation stitches these into out-of-fold predictions; anyone can look for label noise in them.
     """
     path = Path(run) / "val_predictions.csv"
     proba = np.asarray(proba)
-    columns = ["p_dog"] if proba.ndim == 1 else [f"p_{name}" for name in classes]
+    columns = [f"p_{classes[1]}"] if is_binary(classes) else [f"p_{name}" for name in classes]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "name", "label", *columns])
@@ -455,16 +493,6 @@ def _report_unusable(run: Path, unusable: list[dict]) -> None:
         return  # every rank finds the same files; rank 0 reports them
     write_json_atomic(run / "unusable.json", unusable)
     for item in unusable[:10]:
-        print(f"skipped {item['path']}: {item['reason']}")
+        log.warning(f"skipped {item['path']}: {item['reason']}")
     if len(unusable) > 10:
-        print(f"... and {len(unusable) - 10} more (see {run / 'unusable.json'})")
-
-
-if __name__ == "__main__":
-    # `torchrun ... -m asirra.train [train options]` runs `asirra train [train options]` on every rank.
-    # The command is reached through its console-script entry point because asirra.cli imports this
-    # module (imports run one way).
-    from importlib.metadata import entry_points
-
-    (asirra_command,) = entry_points(group="console_scripts", name="asirra")
-    asirra_command.load()(["train", *sys.argv[1:]], prog_name="asirra train")
+        log.warning(f"... and {len(unusable) - 10} more (see {run / 'unusable.json'})")

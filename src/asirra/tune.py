@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import socket
@@ -31,6 +32,10 @@ from pathlib import Path
 from typing import Callable
 
 from asirra.config import AugmentConfig, TrainConfig
+from asirra.errors import ConfigError, ModelError, require
+from asirra.runs import check_stamp, differences, refuse
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 20
 DEFAULT_LIMIT = 3000  # images in the tuning subset (0: all); the rest is where the held-out sample comes from
@@ -57,13 +62,13 @@ class TuneSettings:
 
     def __post_init__(self):
         if self.trials < 1:
-            raise ValueError(f"--trials must be at least 1, got {self.trials}")
+            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"--timeout must be positive, got {self.timeout}")
+            raise ConfigError(f"--timeout must be positive, got {self.timeout}")
         if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.heldout < 0:
-            raise ValueError(f"--heldout must be >= 0, got {self.heldout}")
+            raise ConfigError(f"--heldout must be >= 0, got {self.heldout}")
 
     @property
     def max_epochs(self) -> int:
@@ -93,7 +98,7 @@ def seed_cnn_space(trial, max_epochs: int) -> dict:
     size = trial.suggest_int("image_size", *SEED_CNN_SIZES[:2], step=SEED_CNN_SIZES[2])
     depth = trial.suggest_int("depth", 2, 5)
     if size % 2 ** depth:  # cannot happen with the sizes above; a guard for whoever widens them
-        raise ValueError(f"input size {size} is not divisible by 2 ** depth ({2 ** depth})")
+        raise ConfigError(f"input size {size} is not divisible by 2 ** depth ({2 ** depth})")
     width = trial.suggest_categorical("width", [16, 32, 48])
     strength = trial.suggest_float("augment_strength", 0.0, 1.5)
     base = AugmentConfig()
@@ -160,7 +165,7 @@ def search_space(model: str) -> Callable:
     from asirra.models import available_models, pretrained_models
 
     if model not in available_models():
-        raise ValueError(f"unknown model {model!r}; available: {', '.join(available_models())}")
+        raise ModelError(f"unknown model {model!r}; available: {', '.join(available_models())}")
     return transfer_space if model in pretrained_models() else seed_cnn_space
 
 
@@ -194,13 +199,13 @@ def open_storage(url: str | None, out: Path):
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 return JournalStorage(JournalRedisBackend(url))
         except Exception as exc:  # redis' errors have no common public base across versions
-            raise ValueError(f"cannot open the Redis study storage {describe_storage(url)} ({exc})") from None
+            raise ConfigError(f"cannot open the Redis study storage {describe_storage(url)} ({exc})") from None
     from optuna.storages import RDBStorage
 
     try:
         return RDBStorage(url)
     except Exception as exc:  # SQLAlchemy raises its own errors for bad URLs and unreachable servers
-        raise ValueError(f"cannot open the study storage {describe_storage(url)} ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"cannot open the study storage {describe_storage(url)} ({str(exc).splitlines()[0]})") from None
 
 
 def describe_storage(url: str | None) -> str:
@@ -228,10 +233,9 @@ def open_study(settings: TuneSettings, pruner=None):
     saved = study.user_attrs.get("settings")
     if saved is None:
         study.set_user_attr("settings", settings.identity())
-    elif saved != settings.identity():
-        differ = sorted(k for k in saved.keys() | settings.identity().keys() if saved.get(k) != settings.identity().get(k))
-        raise ValueError(f"study {settings.study_name!r} in {describe_storage(settings.storage)} was made with other "
-                         f"settings ({', '.join(differ)}); pass the same ones or another --study")
+    elif differences(saved, settings.identity()):
+        raise refuse(f"study {settings.study_name!r} in {describe_storage(settings.storage)}", "study",
+                     differences(saved, settings.identity()), instead="--study")
     # Seeded by the trials already there, so a resumed or second process does not repeat the first proposals.
     study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(study.trials), constant_liar=True,
                                                n_startup_trials=max(3, min(10, settings.trials // 3)))
@@ -350,8 +354,8 @@ class Objective:
         from asirra.train import dataset_classes, load_pixels, prepare_run
 
         resume = (run / "checkpoint.pt").exists() and (run / "split.json").exists()
-        if resume and json.loads((run / "config.json").read_text()) != config.to_dict():
-            raise ValueError(f"{run} holds a run with another config; remove it or use another --out")
+        if resume:
+            check_stamp(run, config.to_dict(), "config.json", "trial")
         prepare_run(config, resume=resume)
         size = input_size(config)
         if size not in self._pixels:
@@ -387,8 +391,7 @@ def tune(settings: TuneSettings, pruner=None, clock: Callable[[], float] = time.
     """
     import warnings
 
-    import optuna
-
+    optuna = require("optuna", "tune")
     search_space(settings.model)  # an unknown model fails here, before a study is made
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,11 +400,11 @@ def tune(settings: TuneSettings, pruner=None, clock: Callable[[], float] = time.
         study.enqueue_trial(baseline_params(settings.model, settings.max_epochs), user_attrs={"baseline": True})
     requeued = recover_interrupted(study)
     if requeued:
-        print(f"trials {', '.join(map(str, requeued))} were interrupted; they resume from their last epoch")
+        log.info(f"trials {', '.join(map(str, requeued))} were interrupted; they resume from their last epoch")
     started = clock()
     deadline = None if settings.timeout is None else started + settings.timeout
     remaining = settings.trials - spent_trials(study)
-    print(f"study {settings.study_name} ({describe_storage(settings.storage)}): {spent_trials(study)} of "
+    log.info(f"study {settings.study_name} ({describe_storage(settings.storage)}): {spent_trials(study)} of "
           f"{settings.trials} trials done; running up to {max(0, remaining)} more")
 
     def after_trial(study, trial) -> None:
@@ -425,7 +428,7 @@ def _print_trial(study, trial, total: int) -> None:
     except ValueError:
         best = ""
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    print(f"[tune] trial {trial.number} ({spent_trials(study)}/{total}) {trial.state.name}{value} "
+    log.info(f"[tune] trial {trial.number} ({spent_trials(study)}/{total}) {trial.state.name}{value} "
           f"in {seconds:.0f} s{' - ' + note if note else ''}{best}")
 
 
@@ -545,7 +548,7 @@ def evaluate_heldout(config: TrainConfig, best_run: Path, out: Path, n: int) -> 
     from asirra.data import scan
     from asirra.evaluate import evaluate_model
     from asirra.predict import load_classifier
-    from asirra.splits import stratified_subset
+    from asirra.stats import stratified_subset
 
     refs = scan(config.data, labelled=True)
     labels = np.array([r.label for r in refs])
@@ -573,19 +576,19 @@ def evaluate_heldout(config: TrainConfig, best_run: Path, out: Path, n: int) -> 
 
 def _print_summary(summary: dict, out: Path) -> None:
     states = ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items() if v)
-    print(f"study {summary['study']}: {summary['trials']} trials ({states})")
+    log.info(f"study {summary['study']}: {summary['trials']} trials ({states})")
     best = summary.get("best")
     if best is None:
-        print("no trial completed yet: no best config")
+        log.info("no trial completed yet: no best config")
         return
-    print(f"best trial {best['trial']}: val log loss {best['val_log_loss']:.4f}, accuracy {best['val_accuracy']:.4f} "
+    log.info(f"best trial {best['trial']}: val log loss {best['val_log_loss']:.4f}, accuracy {best['val_accuracy']:.4f} "
           f"(optimistic: chosen on this split)")
     if summary.get("baseline", {}).get("val_log_loss") is not None:
         base = summary["baseline"]
-        print(f"baseline (untuned defaults, trial {base['trial']}): val log loss {base['val_log_loss']:.4f}, "
+        log.info(f"baseline (untuned defaults, trial {base['trial']}): val log loss {base['val_log_loss']:.4f}, "
               f"accuracy {base['val_accuracy']:.4f}")
     held = summary.get("heldout", {})
     if "accuracy" in held:
-        print(f"held-out ({held['n']} images outside the tuning subset): accuracy {held['accuracy']:.4f}, "
+        log.info(f"held-out ({held['n']} images outside the tuning subset): accuracy {held['accuracy']:.4f}, "
               f"log loss {held['log_loss']:.4f}")
-    print(f"best config: {out / 'best_config.json'} (asirra train --config {out / 'best_config.json'} --out RUN)")
+    log.info(f"best config: {out / 'best_config.json'} (asirra train --config {out / 'best_config.json'} --out RUN)")

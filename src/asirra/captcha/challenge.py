@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from asirra import CAT
+from asirra.errors import UserError
+from asirra.labels import CAT
 
 if TYPE_CHECKING:  # only for annotations: challenges need nothing from a ref but its label
     from asirra.data import ImageRef
 
 CHALLENGE_SIZE = 12
+SIMULATED_CHALLENGES = 10_000  # random challenges a simulation or an evaluation draws unless told
 
 
-class ChallengeError(ValueError):
+class ChallengeError(UserError):
     """A challenge cannot be drawn from the given pool."""
 
 

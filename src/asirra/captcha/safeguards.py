@@ -24,10 +24,12 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol
 
+from asirra.errors import ConfigError
+
 Verdict = Literal["pass", "almost", "fail"]
 
 
-class SafeguardError(ValueError):
+class SafeguardError(ConfigError):
     """An unknown safeguard name or an invalid parameter."""
 
 

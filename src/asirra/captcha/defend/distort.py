@@ -25,13 +25,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from asirra.captcha.derived_pool import DerivedPoolSummary, derive_pool
+from asirra.captcha.defend.derived_pool import DerivedPoolSummary, derive_pool
+from asirra.errors import ConfigError
 
 DEFAULT_STRENGTH = {"noise": 12.0, "blur": 1.5, "warp": 6.0, "contrast": 0.5, "clutter": 0.1}
 LIMITS = {"noise": (0, 128), "blur": (0, 20), "warp": (0, 60), "contrast": (0.05, 1), "clutter": (0, 0.6)}
 
 
-class DistortError(ValueError):
+class DistortError(ConfigError):
     """Settings distortion cannot run with; the message is one line."""
 
 

@@ -15,10 +15,11 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageFilter
 
+from asirra.errors import ConfigError
 from asirra.images import ImageSource, load_image
 
 
-class CounterError(ValueError):
+class CounterError(ConfigError):
     """A preprocessing spec that cannot be read."""
 
 

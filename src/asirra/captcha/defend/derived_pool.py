@@ -32,12 +32,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from asirra import CLASS_NAMES
 from asirra.cache import content_key
-from asirra.captcha.similarity import compare
+from asirra.captcha.defend.similarity import compare
 from asirra.data import MEMBER_SEPARATOR
+from asirra.errors import ConfigError
 from asirra.fileio import atomic_path, write_json_atomic, write_text_atomic
 from asirra.images import UnusableImage, load_image
+from asirra.labels import CLASS_NAMES
+from asirra.runs import claim
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
@@ -49,7 +51,7 @@ COMPARE_ROWS = 48  # enough pairs to judge by eye, few enough for one page
 Maker = Callable[[np.ndarray, str, object], tuple[np.ndarray, dict]]
 
 
-class PoolError(ValueError):
+class PoolError(ConfigError):
     """An output folder that cannot be written as asked; the message is one line."""
 
 
@@ -96,18 +98,9 @@ def derive_pool(refs: Sequence, out: str | os.PathLike, settings: dict, make: Ma
     return DerivedPoolSummary(out, sum("file" in r for r in records), this_run, unusable, files)
 
 
-def claim_folder(out: Path, settings: dict) -> None:
-    """Record `settings` in a new folder, or check that an existing one was made with the same."""
-    path = out / SETTINGS
-    if path.exists():
-        before = json.loads(path.read_text())
-        if before != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            raise PoolError(f"{out} was made with other settings ({', '.join(changed)} differ); use a new --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise PoolError(f"{out} is not empty and holds no {SETTINGS}; give a new or empty folder")
-    write_json_atomic(path, settings)
+def claim_folder(out: Path, settings: dict) -> bool:
+    """Record `settings` in a new (or empty) folder, or accept one made with the same: True to resume."""
+    return claim(out, settings, SETTINGS, "derived pool", fresh_only=True)
 
 
 def read_manifest(out: str | os.PathLike) -> dict[str, dict]:

@@ -19,9 +19,10 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from asirra.captcha.counter import Pipeline
-from asirra.evaluate import wilson_interval
+from asirra.captcha.attack.counter import Pipeline
+from asirra.errors import ConfigError
 from asirra.images import UnusableImage
+from asirra.stats import wilson_interval
 
 VERDICTS = ("pass", "almost", "fail")
 RETRYABLE = (429, 503)  # statuses whose Retry-After says "the same request will work later"
@@ -34,7 +35,7 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class AttackError(ValueError):
+class AttackError(ConfigError):
     """Attack settings that cannot work (bad URL, no challenges...)."""
 
 
@@ -69,6 +70,11 @@ class AttackReport:
     @property
     def passed(self) -> int:
         return self.results["pass"]
+
+    @property
+    def unreachable(self) -> bool:
+        """No challenge got past connecting: there is no service at the URL."""
+        return self.attempted > 0 and self.refused.get("ConnectError") == self.attempted
 
     @property
     def solve_rate(self) -> float | None:
@@ -305,7 +311,7 @@ def attack(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float
 
     `max_wait` bounds the seconds spent waiting out Retry-After over the whole run (summed over
     workers): once spent, a refusal is recorded as refused instead of being waited out.
-    `preprocess` runs on each served image before the classifier sees it (asirra.captcha.counter).
+    `preprocess` runs on each served image before the classifier sees it (asirra.captcha.attack.counter).
     `transport` lets tests attack an app in-process (httpx.ASGITransport) instead of over a socket;
     `clock` and `sleep` let them pass time without waiting.
     """

@@ -7,7 +7,7 @@ Rungs, weakest knowledge first:
 - bought-labels, adv-trained, passed-challenges: adaptive attackers. They know the method but not
   the defender's surrogates, and learn from images *as served* (the service's crop, resize and
   JPEG re-encoding, and any hardening of its pool): fetched over HTTP when a service URL is given,
-  else rendered with the service's own re-encoding (`service.render_jpeg`) from the pool.
+  else rendered with the service's own re-encoding (`asirra.captcha.rendering`) from the pool.
 
 Labels an attacker could buy from a solving farm come from the truth (it stands in for the farm);
 over HTTP a served image is matched back to its pool photo by a small thumbnail, the way a farm's
@@ -19,10 +19,10 @@ reused when asked again with the same settings.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
-import sys
 import time
 from io import BytesIO
 from pathlib import Path
@@ -32,8 +32,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from asirra import CAT, DOG
+from asirra.errors import ConfigError
 from asirra.fileio import write_json_atomic
+from asirra.labels import CAT, DOG
+from asirra.runs import check_stamp
+from asirra.stats import random_subset
+
+log = logging.getLogger(__name__)
 
 SHIPPED = "shipped"
 ATTACKERS: dict[str, str] = {
@@ -60,7 +65,7 @@ MATCH_SIDE = 12  # thumbnail side for tying a served image back to its pool phot
 MAX_WAIT = 120.0  # seconds of Retry-After a build waits out in all
 
 
-class LadderError(ValueError):
+class LadderError(ConfigError):
     """An unknown rung, or inputs a rung cannot be built from."""
 
 
@@ -71,8 +76,7 @@ def build_attacker(name: str, out: str | Path, *, train_data: str | Path | None 
                    service_url: str | None = None, budget: int | None = None, seed: int = 0,
                    progress: bool = True) -> Path:
     """Build rung `name` in `out` (reused if already built with these settings) -> its model folder."""
-    from asirra.models import resolve_model_folder
-    from asirra.predict import default_model_path
+    from asirra.models import default_model_path, resolve_model_folder
 
     if name not in ATTACKERS:
         raise LadderError(f"unknown attacker {name!r}; choose one of {', '.join(ATTACKERS)}")
@@ -88,20 +92,16 @@ def build_attacker(name: str, out: str | Path, *, train_data: str | Path | None 
     out = Path(out)
     settings = {"name": name, "train_data": str(Path(train_data).resolve()), "service_url": service_url,
                 "budget": budget, "seed": seed}
-    record_path = out / RECORD
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if {k: record.get(k) for k in settings} == settings:
-            return resolve_model_folder(out / "model")
-        raise LadderError(f"{out} holds attacker {record.get('name')} built with other settings; "
-                          f"choose another --out or delete it")
+    # Reused when already built with these settings; refused when built with others.
+    if check_stamp(out, settings, RECORD, f"attacker ({name})", keys=settings) is not None:
+        return resolve_model_folder(out / "model")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     extra = BUILDERS[name](out, Path(train_data), service_url, budget, seed, progress)
     record = {**settings, "description": ATTACKERS[name], **extra,
               "seconds": round(time.perf_counter() - started, 1)}
-    write_json_atomic(record_path, record)
-    _say(f"attacker {name} built in {record['seconds']:.0f} s -> {out / 'model'}")
+    write_json_atomic(out / RECORD, record)
+    log.info(f"attacker {name} built in {record['seconds']:.0f} s -> {out / 'model'}")
     return resolve_model_folder(out / "model")
 
 
@@ -139,7 +139,8 @@ def _bought_labels(out, data, url, budget, seed, progress) -> dict:
 
 
 def _adv_trained(out, data, url, budget, seed, progress) -> dict:
-    from asirra.captcha.harden import HardenConfig, harden_pool, load_surrogate
+    from asirra.captcha.defend.config import HardenConfig
+    from asirra.captcha.defend.harden import harden_pool, load_surrogate
     from asirra.data import scan
     from asirra.models import resolve_model_folder
 
@@ -211,7 +212,7 @@ def _train_and_keep(config, out: Path, used: Sequence[str]) -> dict:
 def _limited_names(data: Path, limit: int, seed: int) -> list[str]:
     """The names `TrainConfig(limit=...)` draws (the same stratified subset), for the record."""
     from asirra.data import scan
-    from asirra.splits import stratified_subset
+    from asirra.stats import stratified_subset
 
     refs = scan(data, labelled=True)
     return [refs[i].name for i in stratified_subset(np.array([r.label for r in refs]), limit, seed)]
@@ -221,8 +222,7 @@ def _limited_names(data: Path, limit: int, seed: int) -> list[str]:
 
 
 def _pick(refs: list, n: int, seed: int) -> list:
-    rng = random.Random(seed)
-    return rng.sample(refs, min(n, len(refs)))
+    return [refs[i] for i in random_subset(len(refs), n, seed)]
 
 
 def _write_labelled(folder: Path, index: int, label: int, jpeg: bytes) -> None:
@@ -248,9 +248,9 @@ def _served_labelled(folder: Path, data: Path, url: str | None, budget: int, see
     folder.mkdir(parents=True, exist_ok=True)
     used: list[str] = []
     if url is None:
-        from asirra.captcha.service import ServiceSettings, render_jpeg
+        from asirra.captcha.rendering import RenderSettings, render_jpeg
 
-        settings, rng = ServiceSettings(), random.Random(seed)
+        settings, rng = RenderSettings(), random.Random(seed)
         for i, ref in enumerate(tqdm(_pick(refs, budget, seed), desc="served images", disable=not progress)):
             _write_labelled(folder, i, ref.label, render_jpeg(ref.load(draft_size=settings.image_side[1]), rng, settings))
             used.append(ref.name)
@@ -290,9 +290,9 @@ def _passed(folder: Path, data: Path, url: str | None, budget: int, seed: int, s
     kept: list[str] = []
     bar = tqdm(total=want, desc="challenges passed", disable=not progress)
     if url is None:
-        from asirra.captcha.service import ServiceSettings, render_jpeg
+        from asirra.captcha.rendering import RenderSettings, render_jpeg
 
-        settings, rng, np_rng = ServiceSettings(), random.Random(seed), np.random.default_rng(seed)
+        settings, rng, np_rng = RenderSettings(), random.Random(seed), np.random.default_rng(seed)
         session, matcher = None, None
     else:
         session, matcher = _Session(url), _Matcher(refs)
@@ -394,5 +394,4 @@ def _link_labelled(folder: Path, refs: Sequence, offset: int) -> None:
             shutil.copyfile(ref.source, target)
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr)
+

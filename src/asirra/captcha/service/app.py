@@ -12,7 +12,7 @@ What a client may learn, and what it may not:
   single-use pass token that the site's server checks with `POST /api/verify` (as reCAPTCHA's and
   Turnstile's siteverify): the browser's word alone never convinces a site.
 
-State lives in a store (`asirra.captcha.store`): this process's memory by default, or one Redis
+State lives in a store (`asirra.captcha.service.store`): this process's memory by default, or one Redis
 shared by any number of workers (`ServiceSettings.redis_url`). When the store is unreachable,
 clients get a 503 JSON error with Retry-After, and the next request after it returns just works.
 
@@ -21,19 +21,13 @@ Tests find answers through `app.state.store.peek(id)`; no route exposes them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import socket
-import tempfile
-import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from io import BytesIO
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 from urllib.parse import parse_qsl
@@ -42,24 +36,32 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from asirra.captcha.challenge import CHALLENGE_SIZE, count_mistakes, draw_indices
-from asirra.captcha.clients import CookieSigner, PassTokens, Sites, derive_key, load_sites, read_secret_file
-from asirra.captcha.safeguards import Safeguard, describe, parse_safeguard
-from asirra.captcha.store import (Closed, Full, Limit, MemoryStore, RedisStore, StoreError, StoreSettings, Unavailable,
-                                  Unknown, ordered_pool)
+from asirra.captcha.rendering import render_jpeg
+from asirra.captcha.safeguards import Safeguard
+from asirra.captcha.service.clients import CookieSigner, PassTokens, Sites, derive_key
+from asirra.captcha.service.settings import ServiceError, ServiceSettings
+from asirra.captcha.service.store import (
+    Closed,
+    Full,
+    Limit,
+    MemoryStore,
+    RedisStore,
+    StoreError,
+    StoreSettings,
+    Unavailable,
+    Unknown,
+    ordered_pool,
+)
 from asirra.images import UnusableImage
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "asirra_client"
-# Idle keep-alive connections live longer than clients keep them (httpx: 5 s), so a client never
-# sends a request on a connection the server is closing at that moment.
-KEEP_ALIVE = 15
 MESSAGES = {
     "pass": "Correct: you passed.",
     "almost": "Almost: one slip. Solve another challenge to pass.",
@@ -73,47 +75,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-class ServiceError(ValueError):
-    """Settings or a pool the service cannot run with."""
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    ttl_seconds: float = 120.0  # a person needs ~30 s for 12 photos; a bot needs far less
-    max_challenges: int = 10_000  # outstanding, across all clients: bounds memory
-    max_per_client: int = 8  # outstanding per IP; a newer challenge evicts the oldest
-    challenge_rate: float = 1.0  # new challenges per second per IP, sustained...
-    challenge_burst: int = 10  # ...after this many at once
-    request_rate: float = 40.0  # any /api request per second per IP (12 images per challenge)
-    request_burst: int = 120
-    max_body_bytes: int = 1024  # an answer is at most ~60 bytes of JSON
-    max_clients: int = 100_000  # per-client tables forget the least recently seen beyond this
-    image_side: tuple[int, int] = (200, 240)  # longest side of a served image, drawn per request
-    image_quality: tuple[int, int] = (72, 90)
-    max_crop: float = 0.06  # fraction trimmed from each edge, drawn per request
-    seed: int | None = None  # which challenges are drawn; never the tokens or the image jitter
-    secret: bytes | None = None  # master key for cookies and pass tokens; random per process when None
-    redis_url: str | None = None  # the shared store; None keeps state in this process
-    pass_ttl_seconds: float = 120.0  # a pass token must be verified by the site this soon
-    verify_rate: float = 100.0  # /api/verify calls per second per address (a site's server)...
-    verify_burst: int = 200
-    max_verify_bytes: int = 2048  # secret + token + remote IP, form or JSON
-
-    def __post_init__(self) -> None:
-        positive = ("ttl_seconds", "max_challenges", "max_per_client", "challenge_rate",
-                    "challenge_burst", "request_rate", "request_burst", "max_body_bytes", "max_clients",
-                    "pass_ttl_seconds", "verify_rate", "verify_burst", "max_verify_bytes")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ServiceError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not 0 <= self.max_crop < 0.25:
-            raise ServiceError(f"max_crop must be in [0, 0.25), got {self.max_crop}")
-        for name in ("image_side", "image_quality"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise ServiceError(f"{name} must be a range (low, high) with 0 < low <= high")
 
 
 class ApiError(Exception):
@@ -158,20 +119,6 @@ def usable_pool(refs: Sequence, progress: bool = True) -> list:
     return [ref for ref in refs if ref.source not in broken]
 
 
-def render_jpeg(image: Image.Image, rng: random.Random, settings: ServiceSettings) -> bytes:
-    """A fresh JPEG of `image`: random edge trim, size and quality, and no metadata."""
-    width, height = image.size
-    left, top, right, bottom = (rng.uniform(0, settings.max_crop) for _ in range(4))
-    box = (left * width, top * height, (1 - right) * width, (1 - bottom) * height)
-    scale = rng.randint(*settings.image_side) / max(box[2] - box[0], box[3] - box[1])
-    size = (max(1, round((box[2] - box[0]) * scale)), max(1, round((box[3] - box[1]) * scale)))
-    out = BytesIO()
-    image.resize(size, Image.Resampling.BILINEAR, box=box).save(
-        out, "JPEG", quality=rng.randint(*settings.image_quality)
-    )
-    return out.getvalue()
-
-
 class ImageServer:
     """Pool image -> served JPEG. A pool image that has become unreadable since startup is
     replaced by another of the same label, which keeps the challenge's answer true."""
@@ -192,7 +139,7 @@ class ImageServer:
             except UnusableImage as exc:
                 log.warning("pool image unreadable while serving: %s", exc)
                 continue
-            return render_jpeg(image, self._rng, self._settings)
+            return render_jpeg(image, self._rng, self._settings.rendering)
         raise ApiError(503, "image temporarily unavailable; request a new challenge")
 
     def _candidates(self, ref) -> Iterator:
@@ -458,84 +405,3 @@ def requested_site(request: Request, sites: Sites) -> str | None:
     return keys[0]
 
 
-# ---- running it ----------------------------------------------------------------------------
-
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
-    """Serve until interrupted (Ctrl-C)."""
-    import uvicorn
-
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE)
-
-
-@contextmanager
-def running(app: FastAPI, host: str = "127.0.0.1", timeout: float = 10.0) -> Iterator[str]:
-    """Serve `app` on a free port of `host` from a background thread; yields its base URL."""
-    import uvicorn
-
-    # IPPROTO_TCP explicitly: asyncio turns Nagle off only on sockets that say they are TCP, and
-    # with Nagle on, every keep-alive request waits ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-
-
-# ---- many worker processes -------------------------------------------------------------------
-
-CONFIG_ENV = "ASIRRA_SERVE_CONFIG"  # where each worker process finds what to build its app from
-
-
-def worker_config(pool: Sequence, safeguard: Safeguard, settings: ServiceSettings,
-                  secret_file: str | None, sites_file: str | None) -> dict:
-    """Everything a worker needs, as JSON: the pool as checked once by the parent (so N workers do
-    not decode it N times), the policy's spec, the settings; keys stay in their files."""
-    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "secret"}
-    return {"pool": [[ref.source, ref.label, ref.id] for ref in pool], "safeguard": describe(safeguard),
-            "settings": fields, "secret_file": secret_file, "sites_file": sites_file}
-
-
-def app_from_config(config: dict) -> FastAPI:
-    from asirra.data import ImageRef
-
-    settings = dict(config["settings"])
-    for name in ("image_side", "image_quality"):
-        settings[name] = tuple(settings[name])
-    if config["secret_file"]:
-        settings["secret"] = read_secret_file(config["secret_file"])
-    sites = load_sites(config["sites_file"]) if config["sites_file"] else None
-    pool = [ImageRef(source, label, ref_id) for source, label, ref_id in config["pool"]]
-    return create_app(pool, parse_safeguard(config["safeguard"]), ServiceSettings(**settings), sites=sites)
-
-
-def worker_app() -> FastAPI:
-    """The app factory uvicorn calls in each worker process (`--workers N`)."""
-    return app_from_config(json.loads(Path(os.environ[CONFIG_ENV]).read_text(encoding="utf-8")))
-
-
-def serve_workers(config: dict, host: str, port: int, workers: int, access_log: bool = True) -> None:
-    """Serve with `workers` uvicorn processes (restarted by uvicorn if one dies) until Ctrl-C."""
-    import uvicorn
-
-    from asirra.fileio import write_json_atomic
-
-    with tempfile.TemporaryDirectory(prefix="asirra-serve-") as folder:
-        path = write_json_atomic(Path(folder) / "config.json", config)
-        os.environ[CONFIG_ENV] = str(path)  # inherited by the worker processes uvicorn spawns
-        # A worker rebuilds a pool of 19,000 refs and imports the app before it answers uvicorn's
-        # health pings: on 2 busy cores that can exceed uvicorn's default 5 s, and it would be killed.
-        uvicorn.run("asirra.captcha.service:worker_app", factory=True, workers=workers, host=host, port=port,
-                    log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE,
-                    timeout_worker_healthcheck=30)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Generic, Iterable, TypeVar
 
 from asirra.captcha.safeguards import Safeguard, Verdict
+from asirra.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -144,7 +145,7 @@ MIN_SITE_SECRET, MAX_SITE_SECRET = 32, 256
 _TOKEN = re.compile(r"([A-Za-z0-9_-]{32})\.([A-Za-z0-9_-]{43})")
 
 
-class ClientConfigError(ValueError):
+class ClientConfigError(ConfigError):
     """A secret file or a sites file the service cannot use; the message is one line."""
 
 

@@ -1,264 +1,38 @@
-"""Where the live service keeps its state: outstanding challenges, pass tokens, rate limits, verdict histories.
+"""The Redis store: every worker and instance sharing one Redis sees one state.
 
-Two implementations of one interface (`Store`):
-
-- `MemoryStore`, the embedded default: plain tables in this process, bounded by count. One
-  worker only; a restart forgets everything.
-- `RedisStore`: every worker and instance sharing one Redis sees one state. Each step that reads
-  and then writes runs as one Lua script (or a Lua compare-and-set), so two workers can never both
-  accept one answer or both spend one pass token, and a rate limit holds across workers.
-
-A challenge is stored as data any worker can rebuild, never as Python objects: the pool positions
-of its 12 images and their random URL tokens. Every worker therefore needs the same pool in the
-same order (`ordered_pool`); `RedisStore` records the pool's fingerprint and refuses a worker whose
-pool differs. Time comes from the caller's clock when one is given (tests use a fake one) and
-from Redis's own clock otherwise, so all workers agree on when something expires.
-
-A closed challenge leaves a tombstone saying why (answered, expired, replaced), so a late or
-repeated answer gets a precise refusal rather than "unknown".
+Each step that reads and then writes runs as one Lua script (or a Lua compare-and-set), so two
+workers can never both accept one answer or both spend one pass token, and a rate limit holds
+across workers. Time comes from the caller's clock when one is given, else from Redis's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import math
 import secrets
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
-from asirra.captcha.challenge import Challenge
-from asirra.captcha.clients import RateLimiter, SafeguardStates, worst
 from asirra.captcha.safeguards import Safeguard, Verdict, describe
+from asirra.captcha.service.clients import worst
+from asirra.captcha.service.store.base import (
+    KEY_PREFIX,
+    Closed,
+    Full,
+    Issued,
+    StoreSettings,
+    Unavailable,
+    Unknown,
+    challenge_at,
+    pool_fingerprint,
+)
+from asirra.errors import require
 
-KEY_PREFIX = "asirra:"
 TOMBSTONE_SECONDS = 900.0  # how long Redis remembers why a challenge closed
 STATE_SECONDS = 7 * 86400  # an idle client's verdict history is forgotten after this
 CAS_ATTEMPTS = 50  # compare-and-set retries for one verdict before giving up (contention is rare)
 
-
-# ---- what callers see ----------------------------------------------------------------------
-
-
-class StoreError(Exception):
-    """A refusal from the store; the service turns each kind into an HTTP status."""
-
-
-class Unknown(StoreError):
-    """No such challenge or image (or it was forgotten long ago)."""
-
-
-class Closed(StoreError):
-    """The challenge exists no more; `reason` is "answered", "expired" or "replaced"."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Full(StoreError):
-    """Too many challenges outstanding across all clients."""
-
-
-class Unavailable(StoreError):
-    """The shared store cannot be reached (or disagrees with this worker); try again shortly."""
-
-
-@dataclass(frozen=True)
-class Limit:
-    """A token bucket: `burst` at once, then `rate` per second, per key."""
-
-    rate: float
-    burst: int
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    ttl_seconds: float
-    max_challenges: int  # outstanding, across all clients
-    max_per_client: int  # outstanding per IP; a newer challenge replaces the oldest
-    max_clients: int  # in-process tables forget the least recently seen beyond this
-    pass_ttl_seconds: float
-    limits: dict[str, Limit]  # kind ("request", "challenge", "verify") -> bucket
-
-
-@dataclass(frozen=True)
-class Issued:
-    id: str
-    positions: tuple[int, ...]  # where the 12 images sit in the (ordered) pool
-    ip: str
-    expires_at: float
-    image_tokens: tuple[str, ...]
-    sitekey: str | None
-    challenge: Challenge  # the pool images at `positions`, rebuilt by whichever worker reads it
-
-
-class Store(Protocol):
-    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None) -> Issued: ...
-
-    async def image(self, token: str):
-        """The pool image behind an image token of a live challenge, else Unknown."""
-
-    async def take(self, challenge_id: str) -> Issued:
-        """Remove and return a live challenge (the one step making answers single-use), else Unknown/Closed."""
-
-    async def judge(self, cookie_id: str, ip: str, mistakes: int) -> Verdict: ...
-
-    async def spend(self, kind: str, key: str) -> float:
-        """Take one token from `kind`'s bucket for `key`: 0.0 if allowed, else seconds to wait."""
-
-    async def add_pass(self, nonce: str, sitekey: str) -> None: ...
-
-    async def take_pass(self, nonce: str) -> str | None:
-        """The site key a live pass token was issued for, removing it; None if unknown, used or expired."""
-
-    async def outstanding(self) -> int: ...
-
-    def peek(self, challenge_id: str) -> Issued | None:
-        """A live challenge, answer included, without touching it: for tests, never for routes."""
-
-    async def aclose(self) -> None:
-        """Let go of connections (at shutdown)."""
-
-
-def ordered_pool(pool: Sequence) -> list:
-    """The pool in an order every worker reproduces from the same data, wherever it is mounted."""
-    return sorted(pool, key=lambda ref: (ref.label, ref.name, ref.id, ref.source))
-
-
-def pool_fingerprint(pool: Sequence) -> str:
-    """Names and labels in pool order, hashed: equal exactly when positions mean the same images."""
-    digest = hashlib.sha256()
-    for ref in pool:
-        digest.update(f"{ref.label}\t{ref.name}\n".encode())
-    return f"{len(pool)}:{digest.hexdigest()[:32]}"
-
-
-def _challenge(pool: Sequence, positions: Sequence[int]) -> Challenge:
-    return Challenge(refs=tuple(pool[int(p)] for p in positions))
-
-
-# ---- in process ----------------------------------------------------------------------------
-
-
-class MemoryStore:
-    """All state in this process's memory, bounded by count; the embedded single-worker default.
-
-    Challenges are kept in issue order, which is also expiry order (one TTL for all), so
-    expiring is popping from the front.
-    """
-
-    def __init__(self, pool: Sequence, safeguard: Safeguard, settings: StoreSettings, clock: Callable[[], float]):
-        self._pool, self._settings, self._clock = pool, settings, clock
-        self._lock = threading.Lock()  # peek() is called from test threads
-        self._live: OrderedDict[str, Issued] = OrderedDict()
-        self._images: dict[str, tuple[str, int]] = {}
-        self._by_ip: dict[str, OrderedDict[str, None]] = {}
-        self._closed: OrderedDict[str, str] = OrderedDict()
-        self._passes: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._states = SafeguardStates(safeguard, settings.max_clients)
-        self._limits = {kind: RateLimiter(limit.rate, limit.burst, clock, settings.max_clients)
-                        for kind, limit in settings.limits.items()}
-
-    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None) -> Issued:
-        with self._lock:
-            now = self._clock()
-            self._expire(now)
-            if len(self._live) >= self._settings.max_challenges:
-                raise Full()
-            mine = self._by_ip.setdefault(ip, OrderedDict())
-            while len(mine) >= self._settings.max_per_client:
-                self._close(next(iter(mine)), "replaced")
-            positions = tuple(int(p) for p in positions)
-            tokens = tuple(secrets.token_urlsafe(16) for _ in positions)
-            issued = Issued(secrets.token_urlsafe(16), positions, ip, now + self._settings.ttl_seconds, tokens,
-                            sitekey, _challenge(self._pool, positions))
-            self._live[issued.id] = issued
-            self._images.update((token, (issued.id, i)) for i, token in enumerate(tokens))
-            mine[issued.id] = None
-            return issued
-
-    async def image(self, token: str):
-        with self._lock:
-            self._expire(self._clock())
-            where = self._images.get(token)
-            if where is None:
-                raise Unknown()
-            challenge_id, index = where
-            return self._live[challenge_id].challenge.refs[index]
-
-    async def take(self, challenge_id: str) -> Issued:
-        with self._lock:
-            self._expire(self._clock())
-            issued = self._live.get(challenge_id)
-            if issued is None:
-                reason = self._closed.get(challenge_id)
-                raise Closed(reason) if reason else Unknown()
-            self._close(challenge_id, "answered")
-            return issued
-
-    async def judge(self, cookie_id: str, ip: str, mistakes: int) -> Verdict:
-        return self._states.judge(cookie_id, ip, mistakes)
-
-    async def spend(self, kind: str, key: str) -> float:
-        return self._limits[kind].take(key)
-
-    async def add_pass(self, nonce: str, sitekey: str) -> None:
-        with self._lock:
-            now = self._clock()
-            self._expire_passes(now)
-            self._passes[nonce] = (sitekey, now + self._settings.pass_ttl_seconds)
-            while len(self._passes) > self._settings.max_challenges:
-                self._passes.popitem(last=False)
-
-    async def take_pass(self, nonce: str) -> str | None:
-        with self._lock:
-            self._expire_passes(self._clock())
-            entry = self._passes.pop(nonce, None)
-            return entry[0] if entry else None
-
-    async def outstanding(self) -> int:
-        return len(self)
-
-    async def aclose(self) -> None:
-        pass  # nothing to let go of
-
-    def peek(self, challenge_id: str) -> Issued | None:
-        with self._lock:
-            return self._live.get(challenge_id)
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def _expire(self, now: float) -> None:
-        while self._live:
-            oldest = next(iter(self._live.values()))
-            if oldest.expires_at > now:
-                break
-            self._close(oldest.id, "expired")
-
-    def _expire_passes(self, now: float) -> None:
-        while self._passes and next(iter(self._passes.values()))[1] <= now:
-            self._passes.popitem(last=False)
-
-    def _close(self, challenge_id: str, reason: str) -> None:
-        issued = self._live.pop(challenge_id)
-        for token in issued.image_tokens:
-            del self._images[token]
-        mine = self._by_ip[issued.ip]
-        del mine[challenge_id]
-        if not mine:
-            del self._by_ip[issued.ip]
-        self._closed[challenge_id] = reason
-        while len(self._closed) > self._settings.max_challenges:
-            self._closed.popitem(last=False)
-
-
-# ---- Redis ---------------------------------------------------------------------------------
 
 # Shared by every script. `now` is the caller's clock when it sends one, else Redis's (TIME is
 # allowed in scripts since Redis 5, which replicates effects, not scripts). Numbers go back to
@@ -436,7 +210,7 @@ class RedisStore:
 
     def __init__(self, url: str, pool: Sequence, safeguard: Safeguard, settings: StoreSettings,
                  clock: Callable[[], float] | None = None, prefix: str = KEY_PREFIX):
-        import redis.asyncio  # noqa: F401  (fail here, at start-up, if the client is missing)
+        require("redis.asyncio", "serve")  # fail here, at start-up, in one line, if the client is missing
 
         self._url, self._pool, self._safeguard, self._settings = url, pool, safeguard, settings
         self._clock, self._prefix = clock, prefix
@@ -480,7 +254,7 @@ class RedisStore:
         record = json.loads(raw)
         positions = tuple(int(p) for p in record["positions"])
         return Issued(challenge_id, positions, record["ip"], float(record["expires_at"]), tuple(record["tokens"]),
-                      record["sitekey"] or None, _challenge(self._pool, positions))
+                      record["sitekey"] or None, challenge_at(self._pool, positions))
 
     async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None) -> Issued:
         challenge_id = secrets.token_urlsafe(16)

@@ -5,7 +5,7 @@ site's public key (`/?sitekey=KEY` on the service shows the pass token after a p
 carries the token to this site, and this site's server asks the service, with its secret,
 whether the token is genuine: `POST /api/verify`. The browser's word alone never counts.
 
-    ASIRRA_SITE_SECRET=... python -m asirra.captcha.example_site --captcha http://127.0.0.1:8000 --sitekey KEY
+    ASIRRA_SITE_SECRET=... python -m asirra.captcha.service.example_site --captcha http://127.0.0.1:8000 --sitekey KEY
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each image is perturbed at its own resolution and stored losslessly (derived_pool.py), so every
 file is within round(eps * 255) of its original on every channel of every pixel. The gradient is
 taken where the attacker will look: through the service's own transformations (random edge crop,
-resize to the served size, JPEG re-encoding; see service.render_jpeg), a random mirror, and the
+resize to the served size, JPEG re-encoding; asirra.captcha.rendering), a random mirror, and the
 squash to each surrogate's input size, averaged over `eot` random draws (expectation over
 transformation, Athalye et al. 2018). Crops and resizes are differentiable as they are; JPEG is
 not, so the forward pass runs the real encoder (PIL, at a quality drawn from the service's range)
@@ -41,100 +41,30 @@ runs/surrogates/<name> ($ASIRRA_SURROGATES), or `shipped` (the attacker's model:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from asirra import DOG
-from asirra.captcha.derived_pool import DerivedPoolSummary, derive_pool
-from asirra.captcha.service import ServiceSettings
+from asirra.captcha.defend.config import UNIVERSAL, HardenConfig, HardenError
+from asirra.captcha.defend.derived_pool import DerivedPoolSummary, claim_folder, derive_pool
+from asirra.captcha.rendering import RenderSettings, served_view
+from asirra.errors import DataError
 from asirra.fileio import atomic_path, write_json_atomic
+from asirra.labels import DOG
 
-METHODS = ("fgsm", "pgd", "random-target", "feature", "balanced-target", "universal", "universal-uncertain")
-UNIVERSAL = ("universal", "universal-uncertain")  # one pattern for every image; `steps` = passes over the crafting set
-DEFAULT_STEPS = {"fgsm": 1, "pgd": 4, "random-target": 4, "feature": 4, "balanced-target": 4, "universal": 3,
-                 "universal-uncertain": 3}
 PATTERN_SIDE = 224  # the universal pattern's resolution; bilinear resizing keeps it within epsilon
 PATTERN_FILE = "universal-perturbation.npy"  # in the hardened pool, so a resumed run adds the same noise
-MAX_EPSILON = Fraction(64, 255)  # far beyond what people tolerate; a bound against typos like "4"
 SHIPPED = "shipped"
-
-
-class HardenError(ValueError):
-    """Settings hardening cannot run with; the message is one line."""
-
-
-@dataclass(frozen=True)
-class HardenConfig:
-    method: str = "fgsm"
-    epsilon: float = 4 / 255  # L-infinity bound as a fraction of the 0..255 range
-    surrogates: tuple[str, ...] = ("effnet-lite0",)
-    steps: int | None = None  # None: DEFAULT_STEPS[method]
-    eot: int = 2  # random service transformations averaged per gradient
-    step_size: float | None = None  # in 0..255 units; None: 2.5 * eps / steps (Madry et al.)
-    momentum: float = 1.0  # MI-FGSM's decay; helps perturbations transfer to unseen models
-    seed: int = 0
-    crafting: str | None = None  # universal*: a labelled folder of the defender's own images, none of them in the pool
-    crafting_limit: int = 64  # universal*: crafting images drawn (seeded) from `crafting`
-    logit_clip: float = 4.0  # balanced-target: the surrogate-logit move each image gets, in either direction
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise HardenError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not 0 <= self.epsilon <= MAX_EPSILON:
-            raise HardenError(f"epsilon must be between 0 and {MAX_EPSILON}, got {self.epsilon:g}")
-        if self.steps is not None and self.steps < 1:
-            raise HardenError(f"steps must be at least 1, got {self.steps}")
-        if self.method == "fgsm" and self.steps not in (None, 1):
-            raise HardenError("fgsm is one step by definition; use --method pgd for more steps")
-        if self.eot < 1:
-            raise HardenError(f"eot must be at least 1, got {self.eot}")
-        if not self.surrogates:
-            raise HardenError("give at least one surrogate model")
-        if self.method in UNIVERSAL and not self.crafting:
-            raise HardenError(f"{self.method} needs a crafting set (--crafting DATA) of images that are not in the pool")
-        if self.crafting_limit < 1:
-            raise HardenError(f"crafting_limit must be at least 1, got {self.crafting_limit}")
-        if self.logit_clip <= 0:
-            raise HardenError(f"logit_clip must be positive, got {self.logit_clip:g}")
-
-    @property
-    def n_steps(self) -> int:
-        return 1 if self.method == "fgsm" else self.steps or DEFAULT_STEPS[self.method]
-
-    @property
-    def epsilon_255(self) -> int:
-        """The bound on the stored files, in 0..255 units."""
-        return round(self.epsilon * 255)
-
-
-def parse_epsilon(text: str) -> float:
-    """"4/255" or "0.0157" -> a fraction of the 0..255 range; HardenError (one line) otherwise."""
-    text = text.strip()
-    if not re.fullmatch(r"\d+(\.\d*)?(/\d+(\.\d*)?)?|\.\d+", text):
-        raise HardenError(f"epsilon must look like 4/255 or 0.0157, got {text!r}")
-    try:
-        value = Fraction(text) if "/" in text else Fraction(float(text))
-    except ZeroDivisionError:
-        raise HardenError(f"epsilon {text!r} divides by zero") from None
-    if value > MAX_EPSILON:
-        raise HardenError(f"epsilon {text} is over {MAX_EPSILON} (fractions of 255: write 4/255, not 4)")
-    return float(value)
-
 
 # ---- surrogates ---------------------------------------------------------------------------
 
@@ -169,8 +99,7 @@ def load_surrogates(specs: Sequence[str]) -> list[Surrogate]:
 
 def load_surrogate(spec: str) -> Surrogate:
     """A defender's model by folder or registry name; the shipped model only as `shipped`."""
-    from asirra.models import available_models, load_model, resolve_model_folder
-    from asirra.predict import DEFAULT_MODEL_DIR
+    from asirra.models import DEFAULT_MODEL_DIR, available_models, load_model, resolve_model_folder
 
     if spec == SHIPPED:
         folder = DEFAULT_MODEL_DIR
@@ -205,48 +134,15 @@ def _same_weights(folder: Path, shipped: Path) -> bool:
     return theirs.stat().st_size == ours.stat().st_size and content_key(theirs.read_bytes()) == content_key(ours.read_bytes())
 
 
-# ---- the service's transformations, differentiable -----------------------------------------
-
-
-def served_view(x: torch.Tensor, rng: random.Random, service: ServiceSettings, size: int) -> torch.Tensor:
-    """(1, 3, H, W) in 0..255 -> (1, 3, size, size): what one surrogate sees of one served copy."""
-    _, _, height, width = x.shape
-    left, top, right, bottom = (rng.uniform(0, service.max_crop) for _ in range(4))
-    rows = slice(round(top * height), max(round(top * height) + 1, height - round(bottom * height)))
-    cols = slice(round(left * width), max(round(left * width) + 1, width - round(right * width)))
-    crop = x[:, :, rows, cols]
-    scale = rng.randint(*service.image_side) / max(crop.shape[2], crop.shape[3])
-    served = (max(1, round(crop.shape[2] * scale)), max(1, round(crop.shape[3] * scale)))
-    y = _resize(crop, served)
-    y = jpeg_straight_through(y, rng.randint(*service.image_quality))
-    y = _resize(y, (size, size))  # images.preprocess: the whole frame squashed to a square
-    return y.flip(3) if rng.random() < 0.5 else y
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Antialiased bilinear is what PIL's BILINEAR resize computes when it shrinks.
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-
-def jpeg_straight_through(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """The real JPEG round trip (and uint8 rounding) forwards; the identity backwards (BPDA)."""
-    pixels = x.detach()[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
-    decoded = torch.from_numpy(decoded).permute(2, 0, 1).unsqueeze(0)
-    return x + (decoded - x).detach()
-
-
 # ---- crafting -----------------------------------------------------------------------------
 
 
 class Hardener:
     """Crafts one image's perturbation against the surrogates; `__call__` fits derive_pool's Maker."""
 
-    def __init__(self, config: HardenConfig, surrogates: Sequence[Surrogate], service: ServiceSettings | None = None):
+    def __init__(self, config: HardenConfig, surrogates: Sequence[Surrogate], render: RenderSettings | None = None):
         self.config, self.surrogates = config, list(surrogates)
-        self.service = service or ServiceSettings()
+        self.render = render or RenderSettings()
         self.pattern: torch.Tensor | None = None  # universal*: (1, 3, PATTERN_SIDE, PATTERN_SIDE) in 0..255 units
 
     def __call__(self, original: np.ndarray, key: str, ref) -> tuple[np.ndarray, dict]:
@@ -309,7 +205,7 @@ class Hardener:
         """What the step climbs, averaged over surrogates and `eot` served views of x."""
         total = 0.0
         for i, surrogate in enumerate(self.surrogates):
-            views = torch.cat([served_view(x, rng, self.service, surrogate.size) for _ in range(self.config.eot)])
+            views = torch.cat([served_view(x, rng, self.render, surrogate.size) for _ in range(self.config.eot)])
             if self.config.method == "balanced-target":
                 # Signed logit move towards the target, capped: no saturation, one size for either class.
                 sign = 1.0 if target == 1.0 else -1.0
@@ -329,7 +225,7 @@ class Hardener:
 
     @torch.no_grad()
     def _clean_logits(self, x: torch.Tensor, rng: random.Random) -> list[torch.Tensor]:
-        return [s.logits(torch.cat([served_view(x, rng, self.service, s.size) for _ in range(self.config.eot)])).mean()
+        return [s.logits(torch.cat([served_view(x, rng, self.render, s.size) for _ in range(self.config.eot)])).mean()
                 for s in self.surrogates]
 
     def craft_universal(self, crafting: Sequence[np.ndarray], labels: Sequence[int], progress: bool = False) -> torch.Tensor:
@@ -362,7 +258,7 @@ class Hardener:
     def _universal_objective(self, x: torch.Tensor, label: float, rng: random.Random) -> torch.Tensor:
         total = 0.0
         for surrogate in self.surrogates:
-            views = torch.cat([served_view(x, rng, self.service, surrogate.size) for _ in range(self.config.eot)])
+            views = torch.cat([served_view(x, rng, self.render, surrogate.size) for _ in range(self.config.eot)])
             z = surrogate.logits(views)
             if self.config.method == "universal":  # away from the crafting image's label (the published method)
                 total = total + F.binary_cross_entropy_with_logits(z, torch.full_like(z, label))
@@ -372,14 +268,14 @@ class Hardener:
 
     @torch.no_grad()
     def _clean_features(self, x: torch.Tensor, rng: random.Random) -> list[torch.Tensor]:
-        return [s.features(torch.cat([served_view(x, rng, self.service, s.size) for _ in range(self.config.eot)]))
+        return [s.features(torch.cat([served_view(x, rng, self.render, s.size) for _ in range(self.config.eot)]))
                 .mean(0, keepdim=True) for s in self.surrogates]
 
     @torch.no_grad()
     def _surrogate_scores(self, x: torch.Tensor, adv: torch.Tensor, rng: random.Random) -> dict:
         """The surrogates' mean P(dog) over fresh served views, before and after: did it take?"""
         def p_dog(image):
-            return float(np.mean([torch.sigmoid(s.logits(torch.cat([served_view(image, rng, self.service, s.size)
+            return float(np.mean([torch.sigmoid(s.logits(torch.cat([served_view(image, rng, self.render, s.size)
                                                                      for _ in range(self.config.eot)]))).mean()
                                   for s in self.surrogates]))
         return {"surrogate_p_dog_before": round(p_dog(x), 4), "surrogate_p_dog_after": round(p_dog(adv), 4)}
@@ -404,8 +300,7 @@ def harden_pool(refs: Sequence, out: str | os.PathLike, config: HardenConfig, su
                 "surrogate_folders": [s.folder for s in surrogates], "steps": config.n_steps,
                 "epsilon_255": config.epsilon_255, "white_box": any(s.white_box for s in surrogates),
                 "eot_transforms": "service crop/resize (differentiable) + JPEG (straight-through) + mirror",
-                "service": {k: v for k, v in asdict(ServiceSettings()).items()
-                            if k in ("max_crop", "image_side", "image_quality")}}
+                "service": asdict(RenderSettings())}
     hardener = Hardener(config, surrogates)
     crafted = _universal_pattern(refs, Path(out), settings, hardener, progress) if config.method in UNIVERSAL else None
     summary = derive_pool(refs, out, settings, hardener, progress=progress,
@@ -420,7 +315,6 @@ def harden_pool(refs: Sequence, out: str | os.PathLike, config: HardenConfig, su
 def _universal_pattern(refs: Sequence, out: Path, settings: dict, hardener: Hardener, progress: bool) -> dict:
     """Craft (or, on a resumed run, reload) the one pattern, on crafting images that are not in the pool."""
     from asirra.cache import content_key
-    from asirra.captcha.derived_pool import claim_folder
     from asirra.data import scan
     from asirra.images import UnusableImage, load_image
 
@@ -432,7 +326,7 @@ def _universal_pattern(refs: Sequence, out: Path, settings: dict, hardener: Hard
         return json.loads(info_path.read_text())
     try:
         candidates = scan(config.crafting, labelled=True)
-    except ValueError as exc:
+    except DataError as exc:
         raise HardenError(f"crafting set {config.crafting}: {exc}") from None
     pool_keys = set()
     for ref in refs:
