@@ -101,7 +101,7 @@ def serving(args: list[str], log: Path, start_seconds: float = 90.0) -> Iterator
     """
     port = free_port()
     with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "asirra.cli", "serve", "--port", str(port), *args],
+        process = subprocess.Popen([sys.executable, "-m", "asirra", "serve", "--port", str(port), *args],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

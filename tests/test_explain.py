@@ -208,7 +208,7 @@ def test_evaluate_draws_the_mistakes_with_their_grad_cam_overlays(tmp_path, seed
     data = write_pattern_dataset(tmp_path / "labelled", per_class=6)
     refs = scan(data, labelled=True)
     clf = load_classifier(seed_model, backend="torch")
-    plain = evaluate_model(clf, refs, tmp_path / "plain", n_challenges=10, progress=False)
+    evaluate_model(clf, refs, tmp_path / "plain", n_challenges=10, progress=False)
     explained = evaluate_model(clf, refs, tmp_path / "explained", n_challenges=10, progress=False, explain=True)
     assert explained.files["mistakes"].read_bytes()[:8] == PNG_HEADER
     (pictures, title), (plain_pictures, plain_title) = drawn["explained"], drawn["plain"]

@@ -25,7 +25,6 @@ from asirra.errors import DataError, ModelError
 from asirra.fileio import atomic_path, write_text_atomic
 
 
-
 def export_onnx(module: nn.Module, path: Path, image_size: int, output_name: str = "out") -> Path:
     """Export `module` (float pixels (N, 3, S, S) in [0, 255] -> anything) with a dynamic batch size."""
     module = module.eval().float().to(memory_format=torch.contiguous_format)

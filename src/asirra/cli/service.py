@@ -32,13 +32,18 @@ def serve_command(
                                                "cookies and pass tokens, shared by every worker and instance."),
     sites_file: Optional[Path] = typer.Option(None, "--sites", help='JSON {"sites": [{"key": ..., "secret": ...}]}: '
                                               "the sites that may request challenges and verify pass tokens."),
+    trusted_proxy: Optional[list[str]] = typer.Option(None, "--trusted-proxy", show_default=False,
+                                                      help="A proxy (address or network; repeat for more) whose "
+                                                           "X-Forwarded-For names the client. Default: none, so no "
+                                                           "client can claim another address."),
 ) -> None:
     """Serve challenges on a web page and a JSON API until Ctrl-C."""
     require("fastapi", "serve")
     require("uvicorn", "serve")
     from asirra.captcha.service.run import serve_pool
 
-    settings = ServiceSettings(ttl_seconds=ttl, seed=seed, challenge_rate=challenge_rate, redis_url=redis_url)
+    settings = ServiceSettings(ttl_seconds=ttl, seed=seed, challenge_rate=challenge_rate, redis_url=redis_url,
+                               trusted_proxies=tuple(trusted_proxy or ()))
     serve_pool(data, safeguard=safeguard, settings=settings, workers=workers, host=host, port=port,
                secret_file=secret_file, sites_file=sites_file)
 

@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from asirra.captcha.challenge import CHALLENGE_SIZE, count_mistakes, draw_indices
 from asirra.captcha.rendering import render_jpeg
@@ -87,6 +88,20 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else None
         return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
+
+
+class UntrustedForwarding:
+    """Says once per process that X-Forwarded-For arrives from a proxy nobody trusted: behind it, every
+    visitor shares the proxy's rate limits and safeguard state (a misconfiguration that locks people out)."""
+
+    def __init__(self):
+        self.warned = False
+
+    def warn(self, peer: str) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning(f"X-Forwarded-For from {peer} ignored: not a trusted proxy; every client behind it shares "
+                        "one address's limits and safeguard state (asirra serve --trusted-proxy ADDRESS)")
 
 
 def refusal(exc: StoreError, unknown: str = "unknown challenge") -> ApiError:
@@ -279,6 +294,7 @@ def create_app(
     app = FastAPI(title="asirra captcha", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.store = store
     images = ImageServer(pool, settings)
+    untrusted_forwarding = UntrustedForwarding()
     signer = CookieSigner(derive_key(settings.secret, "cookie") if settings.secret else None)
     passes = PassTokens(derive_key(settings.secret, "pass-token") if settings.secret else None)
     rng = np.random.default_rng(settings.seed)
@@ -298,6 +314,8 @@ def create_app(
     @app.middleware("http")
     async def identify_and_limit(request: Request, call_next):
         request.state.ip = request.client.host if request.client else "unknown"
+        if not settings.trusted_proxies and "x-forwarded-for" in request.headers:
+            untrusted_forwarding.warn(request.state.ip)
         path = request.url.path
         site_to_service = path == "/api/verify"  # a site's server: no cookie, its own (higher) limit
         client_id = signer.verify(request.cookies.get(COOKIE))
@@ -320,6 +338,11 @@ def create_app(
                                 secure=request.url.scheme == "https")
         response.headers.update(SECURITY_HEADERS)
         return response
+
+    if settings.trusted_proxies:
+        # Outermost, so every limit and safeguard keys on the address the trusted proxy saw. uvicorn's
+        # own handling is off (run.py), or it would trust 127.0.0.1 to name anyone.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

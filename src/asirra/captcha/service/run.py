@@ -76,7 +76,8 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, access_log: b
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE,
+                proxy_headers=False)  # trusted proxies are the app's own setting (ServiceSettings.trusted_proxies)
 
 
 @contextmanager
@@ -88,7 +89,8 @@ def running(app: FastAPI, host: str = "127.0.0.1", timeout: float = 10.0) -> Ite
     # with Nagle on, every keep-alive request waits ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE,
+                                           proxy_headers=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -122,7 +124,7 @@ def app_from_config(config: dict) -> FastAPI:
     from asirra.data import ImageRef
 
     settings = dict(config["settings"])
-    for name in ("image_side", "image_quality"):
+    for name in ("image_side", "image_quality", "trusted_proxies"):
         settings[name] = tuple(settings[name])
     if config["secret_file"]:
         settings["secret"] = read_secret_file(config["secret_file"])
@@ -148,5 +150,5 @@ def serve_workers(config: dict, host: str, port: int, workers: int, access_log: 
         # A worker rebuilds a pool of 19,000 refs and imports the app before it answers uvicorn's
         # health pings: on 2 busy cores that can exceed uvicorn's default 5 s, and it would be killed.
         uvicorn.run("asirra.captcha.service.run:worker_app", factory=True, workers=workers, host=host, port=port,
-                    log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE,
+                    log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE, proxy_headers=False,
                     timeout_worker_healthcheck=30)

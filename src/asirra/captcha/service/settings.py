@@ -7,6 +7,7 @@ asirra.captcha.rendering.RenderSettings) and the CLI's help reads it from here.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from asirra.captcha.rendering import RenderSettings
@@ -42,6 +43,9 @@ class ServiceSettings:
     verify_rate: float = 100.0  # /api/verify calls per second per address (a site's server)...
     verify_burst: int = 200
     max_verify_bytes: int = 2048  # secret + token + remote IP, form or JSON
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client. None by default: then no
+    # client can claim another address, and behind a proxy every visitor is the proxy's address.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("ttl_seconds", "max_challenges", "max_per_client", "challenge_rate",
@@ -58,8 +62,25 @@ class ServiceSettings:
                 raise ServiceError(f"{name} must be a range (low, high) with 0 < low <= high")
         if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ServiceError(f"--redis must be a redis://HOST:PORT/DB URL, got {self.redis_url!r}")
+        object.__setattr__(self, "trusted_proxies", tuple(proxy_network(p) for p in self.trusted_proxies))
 
     @property
     def rendering(self) -> RenderSettings:
         """The jitter of every served copy (asirra.captcha.rendering)."""
         return RenderSettings(image_side=self.image_side, image_quality=self.image_quality, max_crop=self.max_crop)
+
+
+def proxy_network(text: str) -> str:
+    """A trusted proxy's address or network in canonical form ("10.0.0.0/24"); one-line ServiceError otherwise.
+
+    Everything is refused that would trust any client to name its own address: "*", a /0 network.
+    """
+    try:
+        network = ipaddress.ip_network(str(text).strip(), strict=False)
+    except ValueError:
+        raise ServiceError(f"trusted proxy {text!r} is not an IP address or network (e.g. 10.0.0.5 or "
+                           "10.0.0.0/24)") from None
+    if network.prefixlen == 0:
+        raise ServiceError(f"trusted proxy {text!r} would trust every address to name any client")
+    return str(network.network_address if network.num_addresses == 1 else network)
+
