@@ -11,7 +11,6 @@ the map are the kernel's to evict, and nothing holds a float copy of the set.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from asirra.images import UnusableImage, read_pixels
+from asirra.runs import content_key  # noqa: F401  (the one content hash; imported from here by many)
 
 # Bump when images.preprocess changes, so old pixels are never served for the new recipe.
 PREPROCESS_VERSION = 1
@@ -30,10 +30,6 @@ PREPROCESS_VERSION = 1
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ASIRRA_CACHE", Path.home() / ".cache" / "asirra"))
-
-
-def content_key(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass
