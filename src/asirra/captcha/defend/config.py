@@ -36,6 +36,10 @@ class HardenConfig:
     crafting: str | None = None  # universal*: a labelled folder of the defender's own images, none of them in the pool
     crafting_limit: int = 64  # universal*: crafting images drawn (seeded) from `crafting`
     logit_clip: float = 4.0  # balanced-target: the surrogate-logit move each image gets, in either direction
+    # The surrogates' passes in bfloat16 (autocast): half the CPU time where the CPU computes bf16 natively
+    # (AVX-512-BF16, AMX), many times more where it emulates it. PGD steps by the gradient's sign, which
+    # bf16 keeps (benchmarks/bench_harden.py measures the agreement).
+    bf16: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:

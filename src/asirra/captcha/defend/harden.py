@@ -203,6 +203,10 @@ class Hardener:
 
     def _objective(self, x: torch.Tensor, target: float | None, clean: list | None, rng: random.Random) -> torch.Tensor:
         """What the step climbs, averaged over surrogates and `eot` served views of x."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self._objective_once(x, target, clean, rng).float()
+
+    def _objective_once(self, x: torch.Tensor, target: float | None, clean: list | None, rng: random.Random) -> torch.Tensor:
         total = 0.0
         for i, surrogate in enumerate(self.surrogates):
             views = torch.cat([served_view(x, rng, self.render, surrogate.size) for _ in range(self.config.eot)])
@@ -296,6 +300,8 @@ def harden_pool(refs: Sequence, out: str | os.PathLike, config: HardenConfig, su
         del fields["crafting"], fields["crafting_limit"]
     if config.method != "balanced-target":
         del fields["logit_clip"]
+    if not config.bf16:
+        del fields["bf16"]
     settings = {"maker": "harden", **fields, "surrogates": [s.name for s in surrogates],
                 "surrogate_folders": [s.folder for s in surrogates], "steps": config.n_steps,
                 "epsilon_255": config.epsilon_255, "white_box": any(s.white_box for s in surrogates),
