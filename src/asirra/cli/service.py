@@ -70,11 +70,12 @@ def attack_command(
     """
     from asirra.captcha.attack.bot import AttackError, aim, attack, check_settings
     from asirra.captcha.attack.counter import parse_preprocess
-    from asirra.predict import load_classifier
+    from asirra.captcha.attack.solvers import load_solver
 
     check_settings(url, challenges, concurrency, max_wait)  # before a model is loaded for nothing
     pipeline = parse_preprocess(preprocess)
-    classifier = aim(load_classifier(model, backend=backend), target)  # refuses a class the model lacks
+    # A model folder, or a ladder rung's folder (its solver.json: a counter-move, an ensemble, a lookup table).
+    classifier = aim(load_solver(model, backend=backend), target)  # refuses a class the model lacks
     report = attack(url, challenges, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
                     preprocess=pipeline, progress=True)
     if report.unreachable:

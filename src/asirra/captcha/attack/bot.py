@@ -5,11 +5,17 @@ It uses only the public HTTP API, as any client would, with one cookie jar per c
 it waits N seconds and sends the same request again. A challenge the service would not let it
 finish is a *refusal*, counted by kind and never as a failed challenge, so `solve_rate` (passed /
 answered) measures the classifier and passes per hour measures what the rate limits leave of it.
+
+Who the bot appears to be is its `identity`: `OneAddress` keeps one cookie jar and one address for
+the whole run (the address sent as X-Forwarded-For, which a service counts only from a proxy it
+trusts), `Rotating` comes from a fresh address with a fresh cookie jar and connection for every
+challenge, as a bot renting residential proxies does, so every per-client state starts anew.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +39,36 @@ LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+# (the 12 served JPEGs, the bot's is-a-cat answers, the verdict): what a learning bot keeps of a challenge
+Observer = Callable[[list, list, str], None]
+FORWARDED = "X-Forwarded-For"
+
+
+@dataclass(frozen=True)
+class OneAddress:
+    """One cookie jar and one address for the whole run (per worker); `address` None: the socket's own."""
+
+    address: str | None = None
+    name = "one-address"
+    fresh_per_challenge = False
+
+    def headers(self, ticket: int) -> dict:
+        return {FORWARDED: self.address} if self.address else {}
+
+
+@dataclass(frozen=True)
+class Rotating:
+    """A new address (the `ticket`-th host of `network`), cookie jar and connection for every challenge."""
+
+    network: str = "198.18.0.0/15"  # RFC 2544's benchmarking range: never a real visitor
+    name = "rotating"
+    fresh_per_challenge = True
+
+    def headers(self, ticket: int) -> dict:
+        net = ipaddress.ip_network(self.network)
+        if ticket + 1 >= net.num_addresses - 1:
+            raise AttackError(f"{self.network} has no address left for challenge {ticket + 1}")
+        return {FORWARDED: str(net[ticket + 1])}
 
 
 class AttackError(ConfigError):
@@ -62,6 +98,13 @@ class AttackReport:
     wait_budget_exhausted: bool = False  # a Retry-After was not waited out because max_wait was spent
     latencies_ms: list[float] = field(default_factory=list)  # answered challenges, fetch -> verdict, waits excluded
     wall_seconds: float = 0.0
+    identity: str = OneAddress.name
+    # Per challenge (started, ended, verdict or refusal kind, limited: the burst was spent by its end), in seconds
+    # from the run's start.
+    timeline: list[tuple[float, float, str, bool]] = field(default_factory=list)
+    first_limited: float | None = None  # seconds from the start to the first 429: the burst allowance spent
+    bytes_up: int = 0  # HTTP request lines, headers and bodies
+    bytes_down: int = 0  # HTTP status lines, headers and bodies
 
     @property
     def answered(self) -> int:
@@ -88,8 +131,24 @@ class AttackReport:
 
     @property
     def passes_per_hour(self) -> float | None:
-        """What the bot achieved against the clock, waits and refusals included."""
+        """What the bot achieved against the clock, waits and refusals included (the burst allowance too)."""
         return self.passed * 3600 / self.wall_seconds if self.wall_seconds > 0 else None
+
+    @property
+    def sustained_passes_per_hour(self) -> float | None:
+        """Passes per hour once the burst allowance is spent: over the challenges that met or followed the first
+        429, from the first of them starting to the last verdict. A bot never told to slow down ran below
+        the limits throughout, so its whole run is sustained."""
+        if self.first_limited is None:
+            return self.passes_per_hour
+        after = [t for t in self.timeline if t[3]]
+        span = max((t[1] for t in after), default=self.first_limited) - min(t[0] for t in after) if after else 0
+        return sum(t[2] == "pass" for t in after) * 3600 / span if span > 0 else None
+
+    @property
+    def bytes_per_challenge(self) -> float | None:
+        """HTTP bytes both ways per attempted challenge: what a proxy sold by the gigabyte bills."""
+        return (self.bytes_up + self.bytes_down) / self.attempted if self.attempted else None
 
     def percentile_ms(self, q: float) -> float | None:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
@@ -115,6 +174,12 @@ class AttackReport:
             "wait_budget_exhausted": self.wait_budget_exhausted,
             "wall_seconds": self.wall_seconds,
             "passes_per_hour": self.passes_per_hour,
+            "sustained_passes_per_hour": self.sustained_passes_per_hour,
+            "first_limited_seconds": self.first_limited,
+            "identity": self.identity,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "bytes_per_challenge": self.bytes_per_challenge,
             "p50_ms": self.percentile_ms(50),
             "p90_ms": self.percentile_ms(90),
             "p99_ms": self.percentile_ms(99),
@@ -178,8 +243,8 @@ class Pacer:
     once, not once per request.
     """
 
-    def __init__(self, report: AttackReport, clock: Clock, sleep: Sleep):
-        self.report, self.clock, self.sleep = report, clock, sleep
+    def __init__(self, report: AttackReport, clock: Clock, sleep: Sleep, started: float = 0.0):
+        self.report, self.clock, self.sleep, self.started = report, clock, sleep, started
         self.until = 0.0
         self.waited = 0.0  # this worker's share of report.waited
 
@@ -192,6 +257,8 @@ class Pacer:
         if refusal.retry_after is None:
             return False
         now = self.clock()
+        if refusal.kind == "429" and self.report.first_limited is None:
+            self.report.first_limited = now - self.started
         until = now + refusal.retry_after
         extra = max(0.0, until - max(self.until, now))
         if self.report.waited + extra > self.report.max_wait:
@@ -208,13 +275,23 @@ class Pacer:
         while True:
             await self.ready()
             try:
-                return _ok(await request())
+                return _ok(self.count(await request()))
             except Refused as refusal:
                 if not self.pause(refusal):
                     raise
 
 
-async def solve_one(client: httpx.AsyncClient, pacer: Pacer, solve) -> str:
+    def count(self, response: httpx.Response) -> httpx.Response:
+        """Add one exchange's bytes on the wire (HTTP/1.1 framing: lines, headers, bodies) to the report."""
+        request = response.request
+        head = len(request.method) + len(request.url.raw_path) + 12  # "GET /path HTTP/1.1\r\n"
+        self.report.bytes_up += head + sum(len(k) + len(v) + 4 for k, v in request.headers.raw) + 2 + len(request.content)
+        self.report.bytes_down += 17 + len(response.reason_phrase) + sum(
+            len(k) + len(v) + 4 for k, v in response.headers.raw) + 2 + len(response.content)
+        return response
+
+
+async def solve_one(client: httpx.AsyncClient, pacer: Pacer, solve, observe: Observer | None = None) -> str:
     """One challenge end to end; `solve` maps the 12 JPEGs to is-a-cat flags. Returns the verdict."""
     challenge = _json(await pacer.send(lambda: client.post("/api/challenge")), "id", "images")
     replies = await asyncio.gather(*(pacer.send(lambda url=url: client.get(url)) for url in challenge["images"]),
@@ -228,21 +305,26 @@ async def solve_one(client: httpx.AsyncClient, pacer: Pacer, solve) -> str:
     verdict = _json(await pacer.send(lambda: client.post(answer_url, json={"selected": selected})), "result")
     if verdict["result"] not in VERDICTS:
         raise Refused("unexpected reply")
+    if observe is not None:
+        observe([reply.content for reply in replies], list(cats), verdict["result"])
     return verdict["result"]
 
 
 async def attack_async(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float = 30.0,
                        max_wait: float = DEFAULT_MAX_WAIT, preprocess: Pipeline | None = None, progress: bool = False,
                        transport: httpx.AsyncBaseTransport | None = None, clock: Clock = time.perf_counter,
-                       sleep: Sleep = asyncio.sleep) -> AttackReport:
+                       sleep: Sleep = asyncio.sleep, identity: OneAddress | Rotating = OneAddress(),
+                       observe: Observer | None = None) -> AttackReport:
     preprocess = preprocess or Pipeline()
     report = AttackReport(url=url, model=getattr(classifier, "name", type(classifier).__name__),
-                          backend=getattr(classifier, "backend", None), preprocess=preprocess.spec, max_wait=max_wait)
+                          backend=getattr(classifier, "backend", None), preprocess=preprocess.spec, max_wait=max_wait,
+                          identity=identity.name)
     tickets = iter(range(n))  # shared by the workers; next() never awaits, so no lock is needed
     # One classification at a time: the model already uses every core, and a classifier object
     # is not promised to be thread-safe. Network waits of the other workers still overlap it.
     model_lock = asyncio.Lock()
     bar = tqdm(total=n, desc="attacking", unit="challenge", disable=not progress, leave=False)
+    started = clock()
 
     def classify(images: list[bytes]) -> list[bool]:
         return classifier.solve(preprocess.apply_all(images))
@@ -251,26 +333,42 @@ async def attack_async(url: str, n: int, classifier, *, concurrency: int = 1, ti
         async with model_lock:
             return await asyncio.to_thread(classify, images)
 
-    async def worker() -> None:
-        pacer = Pacer(report, clock, sleep)
-        async with httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, limits=LIMITS) as client:
-            for _ in tickets:
-                report.attempted += 1
-                started, waited_before = clock(), pacer.waited
-                try:
-                    report.results[await solve_one(client, pacer, solve)] += 1
-                    working = clock() - started - (pacer.waited - waited_before)
-                    report.latencies_ms.append(max(0.0, working) * 1000)
-                except Refused as exc:
-                    report.refused[exc.kind] += 1
-                except httpx.HTTPError as exc:
-                    report.refused[type(exc).__name__] += 1
-                except UnusableImage:
-                    report.refused["unusable image"] += 1
-                bar.update(1)
-                bar.set_postfix(passed=report.passed, refused=sum(report.refused.values()), refresh=False)
+    def client(ticket: int) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, limits=LIMITS,
+                                 headers=identity.headers(ticket))
 
-    started = clock()
+    async def one(session: httpx.AsyncClient, pacer: Pacer) -> None:
+        report.attempted += 1
+        begun, waited_before = clock(), pacer.waited
+        outcome = None
+        try:
+            outcome = await solve_one(session, pacer, solve, observe)
+            report.results[outcome] += 1
+            working = clock() - begun - (pacer.waited - waited_before)
+            report.latencies_ms.append(max(0.0, working) * 1000)
+        except Refused as exc:
+            outcome = exc.kind
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__
+        except UnusableImage:
+            outcome = "unusable image"
+        if outcome not in VERDICTS:
+            report.refused[outcome] += 1
+        report.timeline.append((begun - started, clock() - started, outcome, report.first_limited is not None))
+        bar.update(1)
+        bar.set_postfix(passed=report.passed, refused=sum(report.refused.values()), refresh=False)
+
+    async def worker() -> None:
+        pacer = Pacer(report, clock, sleep, started)
+        if identity.fresh_per_challenge:  # a new address, cookie jar and connection every time
+            for ticket in tickets:
+                async with client(ticket) as session:
+                    await one(session, pacer)
+            return
+        async with client(0) as session:
+            for _ in tickets:
+                await one(session, pacer)
+
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
@@ -306,19 +404,21 @@ def aim(classifier, target: str = "cat"):
 def attack(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float = 30.0,
            max_wait: float = DEFAULT_MAX_WAIT, preprocess: Pipeline | None = None, progress: bool = False,
            transport: httpx.AsyncBaseTransport | None = None, clock: Clock = time.perf_counter,
-           sleep: Sleep = asyncio.sleep) -> AttackReport:
+           sleep: Sleep = asyncio.sleep, identity: OneAddress | Rotating = OneAddress(),
+           observe: Observer | None = None) -> AttackReport:
     """Attempt `n` challenges at `url` with `classifier` (anything with .solve(list of images)).
 
     `max_wait` bounds the seconds spent waiting out Retry-After over the whole run (summed over
     workers): once spent, a refusal is recorded as refused instead of being waited out.
     `preprocess` runs on each served image before the classifier sees it (asirra.captcha.attack.counter).
     `transport` lets tests attack an app in-process (httpx.ASGITransport) instead of over a socket;
-    `clock` and `sleep` let them pass time without waiting.
+    `clock` and `sleep` let them pass time without waiting. `identity` is who the bot appears to be
+    (OneAddress or Rotating); `observe(images, answers, verdict)` sees every answered challenge.
     """
     check_settings(url, n, concurrency, max_wait)
     return asyncio.run(attack_async(url, n, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
                                     preprocess=preprocess, progress=progress, transport=transport, clock=clock,
-                                    sleep=sleep))
+                                    sleep=sleep, identity=identity, observe=observe))
 
 
 class RandomGuesser:

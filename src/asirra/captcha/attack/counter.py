@@ -3,7 +3,9 @@
 A defender who perturbs images (adversarial noise, random distortions) is answered by a bot that
 cleans them first. Each move is one of the filters the literature found to undo perturbations:
 JPEG re-compression (Dziugaite et al. 2016), median and Gaussian filtering (Ying et al. 2020),
-and down-then-up resizing. A pipeline is written as comma-separated steps applied in order,
+and down-then-up resizing. `residual` goes the other way: it keeps only the fine detail (the image
+minus its 5x5 median, amplified around mid-grey), where an adversarial perturbation that carries
+the label lives, for a classifier trained to read it. A pipeline is written as comma-separated steps applied in order,
 e.g. "jpeg:75,median:3"; the same spec names the move in reports.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image, ImageFilter
 
 from asirra.errors import ConfigError
@@ -49,6 +52,16 @@ def resize(image: Image.Image, factor: float) -> Image.Image:
     return small.resize((width, height), Image.Resampling.BILINEAR)
 
 
+RESIDUAL_WINDOW = 5
+
+
+def residual(image: Image.Image, gain: int) -> Image.Image:
+    """128 + gain x (image - its 5x5 median), clipped: the noise layer, the picture mostly gone."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)
+    smooth = np.asarray(image.convert("RGB").filter(ImageFilter.MedianFilter(RESIDUAL_WINDOW)), dtype=np.float32)
+    return Image.fromarray(np.clip(128 + gain * (x - smooth), 0, 255).round().astype(np.uint8))
+
+
 def _integer(text: str) -> int:
     if not text.isdigit():
         raise ValueError
@@ -61,9 +74,10 @@ MOVES: dict[str, tuple[Callable, Callable[[str], float], str, Callable[[float], 
     "median": (median, _integer, "an odd window size from 3 to 15", lambda k: 3 <= k <= 15 and k % 2 == 1),
     "blur": (blur, float, "a sigma in pixels, above 0 and at most 20", lambda s: 0 < s <= 20),
     "resize": (resize, float, "a scale factor above 0 and below 1", lambda f: 0 < f < 1),
+    "residual": (residual, _integer, "a gain from 1 to 32", lambda g: 1 <= g <= 32),
 }
-_EXAMPLES = {"jpeg": "75", "median": "3", "blur": "1.0", "resize": "0.5"}
-USAGE = "jpeg:QUALITY, median:SIZE, blur:SIGMA, resize:FACTOR (comma-separated, applied in order)"
+_EXAMPLES = {"jpeg": "75", "median": "3", "blur": "1.0", "resize": "0.5", "residual": "8"}
+USAGE = "jpeg:QUALITY, median:SIZE, blur:SIGMA, resize:FACTOR, residual:GAIN (comma-separated, applied in order)"
 
 
 @dataclass(frozen=True)

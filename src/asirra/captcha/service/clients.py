@@ -43,6 +43,7 @@ class BoundedTable(Generic[T]):
         self._make = make
         self._entries: OrderedDict[str, T] = OrderedDict()
         self.lock = threading.Lock()
+        self.created = 0  # entries ever made (monotonic; forgotten ones included): the service's own counter
 
     def get(self, key: str) -> T:
         """The entry for `key`, created if new; callers hold `lock` while they use it."""
@@ -50,6 +51,7 @@ class BoundedTable(Generic[T]):
             self._entries.move_to_end(key)
             return self._entries[key]
         entry = self._entries[key] = self._make()
+        self.created += 1
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
         return entry
@@ -106,6 +108,11 @@ class RateLimiter:
                 return 0.0
             return (1.0 - bucket.tokens) / self._rate
 
+    @property
+    def keys_created(self) -> int:
+        """Clients (keys) this limiter has ever started a bucket for."""
+        return self._buckets.created
+
 
 class SafeguardStates:
     """The safeguard's per-client state, kept separately per cookie and per IP address.
@@ -127,6 +134,10 @@ class SafeguardStates:
             self._judge_one(self._tables["ip"], ip, mistakes),
         ]
         return worst(verdicts)
+
+    def states_created(self) -> dict[str, int]:
+        """Histories ever started, per kind ("cookie", "ip"): a client that comes back fresh each time adds one of each."""
+        return {kind: table.created for kind, table in self._tables.items()}
 
     def _judge_one(self, table: BoundedTable, key: str, mistakes: int) -> Verdict:
         with table.lock:

@@ -92,6 +92,13 @@ class MemoryStore:
     async def outstanding(self) -> int:
         return len(self)
 
+    def counters(self) -> dict:
+        """Monotonic counts of the per-client state this store has started: verdict histories per cookie and
+        per address, rate-limit buckets per kind. A client that keeps its cookie and address adds one of each
+        once; one that arrives fresh every challenge adds one per challenge."""
+        return {"client_states_created": self._states.states_created(),
+                "limit_keys_created": {kind: limiter.keys_created for kind, limiter in self._limits.items()}}
+
     async def aclose(self) -> None:
         pass  # nothing to let go of
 
