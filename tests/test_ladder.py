@@ -49,7 +49,7 @@ def test_unknown_rung_and_missing_data_are_one_line_errors(tmp_path):
 def test_shipped_builds_nothing(tmp_path):
     assert build_attacker("shipped", tmp_path / "s") == DEFAULT_MODEL_DIR
     assert not (tmp_path / "s").exists()
-    assert set(ladder.BUILDERS) | {"shipped"} == set(ATTACKERS)
+    assert set(ladder.BUILDERS) | set(ladder.rungs.BUILDERS) | {"shipped"} == set(ATTACKERS)
 
 
 def test_passed_challenges_keeps_only_passes_labelled_by_the_answers(tmp_path):
@@ -71,16 +71,16 @@ def test_bought_labels_over_http_then_attack_uses_it(tmp_path):
     out = tmp_path / "bought"
     with running(app) as url:
         folder = build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=24, progress=False)
+        assert folder == out  # the rung's folder: its solver.json says how to answer
         _labels_agree_with_colour(out / "served")  # the farm's labels, matched back over HTTP, are right
         record = json.loads((out / "attacker.json").read_text())
-        assert record["labels_bought"] == 24
-        assert record["label_cost_dollars"] == [pytest.approx(0.012), pytest.approx(0.072)]
+        assert record["labels_bought"] == 24 and record["train_rows"] == 24  # every bought label in the fit
         assert used_ids(out) and used_ids(out) <= {ref.name for ref in pool}
-        assert load_classifier(folder).config.name == "effnet-lite2"
+        assert load_classifier(out / "model").config.name == "effnet-lite2"
         # Asked again with the same settings: reused, not rebuilt; other settings: refused.
-        stamp = (folder / "model.safetensors").stat().st_mtime_ns
+        stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
         assert build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=24) == folder
-        assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+        assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
         with pytest.raises(UserError, match="other settings"):
             build_attacker("bought-labels", out, train_data=pool_dir, service_url=url, budget=36)
         result = subprocess.run([sys.executable, "-m", "asirra.cli", "attack", "--url", url, "--model", str(out),
@@ -90,6 +90,28 @@ def test_bought_labels_over_http_then_attack_uses_it(tmp_path):
     assert report["answered"] == 3
     # Trained on served bytes of this very pool, the probe should separate red from blue.
     assert report["passed"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["finetune", "ensemble", "self-trained", "residual", "lookup"])
+def test_the_top_rungs_build_from_the_cli_and_answer_as_asirra_attack_would(tmp_path, name):
+    pool = tmp_path / "pool"
+    refs = make_pool(pool, cats=20, dogs=20)
+    out = tmp_path / name
+    result = CliRunner().invoke(app, ["captcha", "build-attacker", name, "--out", str(out), "--data", str(pool),
+                                      "--budget", "24"])
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.splitlines()[-1]) == out
+    record = json.loads((out / "attacker.json").read_text())
+    assert record["labels_bought"] == 24 and record["build_cpu_seconds"] > 0
+    if name == "self-trained":  # it practised on the 16 photos it did not buy and learnt from its passes
+        assert record["practice_challenges"] > 0 and record["self_labelled_images"] == 12 * record["practice_passed"]
+    if name == "ensemble":
+        assert set(record["weights"]) == {"shipped", "bought-aug", "residual"}
+    from asirra.captcha.attack.solvers import load_solver
+
+    answers = load_solver(out).solve([r.source for r in refs[:6]] + [r.source for r in refs[-6:]])
+    assert len(answers) == 12
 
 
 @pytest.mark.slow

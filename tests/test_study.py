@@ -1,97 +1,166 @@
-"""The hardening study: a --quick run end to end on a synthetic pool, its split, its report, its cache."""
+"""The attacker's bill end to end: a --quick study on a synthetic pool, its cells, its live cells and their
+counters, its cache, and a report whose cost figures and goal verdict are recomputed from its inputs."""
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 
+import numpy as np
 import pytest
 from captcha_service_support import make_pool
 from typer.testing import CliRunner
 
-from asirra.captcha.experiments.study import StudyConfig, StudyError, parse_epsilons, parse_moves, pool_name, split_pool
+from asirra.captcha.experiments import bill as billing
+from asirra.captcha.experiments.study import StudyConfig, StudyResult, parse_epsilons, parse_moves
+from asirra.captcha.experiments.study.report import dollars
 from asirra.cli import app
 from asirra.errors import ConfigError
+from asirra.runs import content_key
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # one --quick study (a few minutes on 2 cores), shared by the tests below
+
+
+def _study(root, *extra):
+    return runner.invoke(app, ["captcha", "study", "--data", str(root / "pool"), "--out", str(root / "out"), "--quick",
+                               "--split", str(root / "split.json"), *extra])
 
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    make_pool(root / "pool", cats=30, dogs=30)
-    out = root / "out"
-    result = runner.invoke(app, ["captcha", "study", "--data", str(root / "pool"), "--out", str(out), "--quick"])
+    refs = make_pool(root / "photos", cats=60, dogs=60)
+    (root / "split.json").write_text(json.dumps({"val": [content_key(r.read_bytes()) for r in refs]}))
+    made = runner.invoke(app, ["captcha", "pool", "--data", str(root / "photos"), "--out", str(root / "pool"),
+                               "--split", str(root / "split.json")])
+    assert made.exit_code == 0, made.output
+    result = _study(root)
     assert result.exit_code == 0, result.output
-    return root, out, result
+    return root, root / "out", json.loads((root / "out" / "results.json").read_text())
 
 
-def test_split_is_disjoint_stratified_and_reproducible(tmp_path):
-    refs = make_pool(tmp_path / "pool", cats=20, dogs=20)
-    hidden, craft = split_pool(refs, 12, seed=3)
-    assert len(hidden) == 12 and len(craft) == 28
-    assert {r.source for r in hidden}.isdisjoint(r.source for r in craft)
-    assert sorted(r.label for r in hidden) == [0] * 6 + [1] * 6
-    assert [r.source for r in split_pool(refs, 12, seed=3)[0]] == [r.source for r in hidden]
-    assert [r.source for r in split_pool(refs, 12, seed=4)[0]] != [r.source for r in hidden]
-    with pytest.raises(StudyError, match="needs 20 hidden"):
-        split_pool(refs, 40, seed=0)
-
-
-def test_quick_study_reports_every_cell_with_intervals_around_the_estimates(quick_study):
-    _, out, result = quick_study
-    cells = json.loads((out / "results.json").read_text())["cells"]
-    config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in json.loads((out / "results.json").read_text())["config"].items()})
-    settings = [(m, e) for m in config.methods for e in config.epsilons] + [(b, None) for b in config.baselines]
-    assert config.baselines == ("noise",)  # the classic baseline is a row of every study that asks for it
-    expected = {(pool_name(m, e), a, p) for m, e in settings for a in config.attackers for p in config.preprocess}
-    assert {(pool_name(c["method"], c["epsilon"]), c["attacker"], c["preprocess"]) for c in cells} == expected
+def test_every_cell_is_scored_and_reported_with_its_interval(quick_study):
+    _, out, results = quick_study
+    config = StudyResult.from_json(out / "results.json").config
+    cells = results["cells"]
+    for eps in config.epsilons:
+        for seed in config.seeds:
+            mine = {(c["attacker"], c["move"]) for c in cells if c["epsilon"] == eps and c["seed"] == seed}
+            assert {("shipped", m) for m in config.moves} <= mine
+            if eps:  # the bought-label rungs at every budget, the residual through its own view, the ensemble
+                for budget in config.budgets:
+                    assert {(f"bought-labels@{budget}", m) for m in config.moves} <= mine
+                    assert (f"residual@{budget}", "residual:8") in mine
+                assert (f"ensemble@{config.budgets[1]}", "own") in mine
     report = (out / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "/24)" in line]
-    assert len(rows) == len(expected)  # every cell is in the report, none dropped for looking bad
-    for cell in cells:
-        assert cell["n"] == config.scored
-        assert cell["accuracy"] == cell["correct"] / cell["n"]
-        assert cell["accuracy_low"] <= cell["accuracy"] <= cell["accuracy_high"]
-        assert cell["p12_low"] <= cell["p12"] <= cell["p12_high"]
-        assert f"{cell['correct']}/{cell['n']}" in report
-    hardened = [c for c in cells if c["epsilon"]]
-    assert hardened and all(c["ssim_median"] < 1.0 and c["linf_max"] <= c["epsilon"] for c in hardened)
-    live = json.loads((out / "results.json").read_text())["live"]
-    assert len(live) == len(config.epsilons) + len(config.baselines)  # one headline per setting: the strongest cell
-    noisy = [c for c in cells if c["epsilon"] is None]
-    assert noisy and all(0 < c["ssim_median"] < 1.0 and c["linf_max"] > 8 for c in noisy)  # random noise, unbounded
-    for attack in live:
-        assert attack["answered"] + attack["refused_total"] == attack["attempted"] == config.live_challenges
-        if attack["answered"]:
-            low, high = attack["solve_rate_ci"]
-            assert low <= attack["solve_rate"] <= high
-    assert "## Goal" in report and ("**Met**" in report or "**Not met**" in report)
-    for plot in ("accuracy.png", "pass_rate.png", "ssim.png"):
-        assert (out / plot).stat().st_size > 1000
+    for c in cells:
+        assert c["n"] == config.scored and c["accuracy"] == c["correct"] / c["n"]
+        assert c["accuracy_low"] <= c["accuracy"] <= c["accuracy_high"]
+        assert f"| {c['setting']} | {c['seed']} | {c['attacker']} | {c['move']} | {c['correct']}/{c['n']} |" in report
+    assert (out / "bill.png").stat().st_size > 5000 and (out / "budget.png").stat().st_size > 5000
 
 
-def test_hidden_images_never_craft(quick_study):
+def test_no_scored_photo_is_ever_bought_or_trains_the_surrogate(quick_study):
     _, out, _ = quick_study
     split = json.loads((out / "split.json").read_text())
-    hidden = {os.path.realpath(s) for s in split["hidden"]}
-    assert len(hidden) == 24 and hidden.isdisjoint(os.path.realpath(s) for s in split["craft"])
-    crafting = {os.path.realpath(p) for p in (out / "craft").iterdir()}
-    assert crafting and crafting.isdisjoint(hidden) and crafting <= {os.path.realpath(s) for s in split["craft"]}
-    hardened = [json.loads(line)["source"] for line in (out / "pools" / "fgsm-e8" / "manifest.jsonl").read_text().splitlines()]
-    assert {os.path.realpath(s) for s in hardened} == hidden  # only hidden images are hardened and scored
+    surrogate = {k for k, _ in split["surrogate"]}
+    for seed in split["seeds"].values():
+        scored = {k for k, _ in seed["scored"]}
+        bought = {k for k, _ in seed["attacker"]}
+        assert scored and bought and not scored & bought and not (scored | bought) & surrogate
+        assert scored | bought <= {k for k, _ in split["hardened"]}
 
 
-def test_a_rerun_resumes_from_the_cache_and_reports_the_same(quick_study):
-    root, out, _ = quick_study
-    before = (out / "results.csv").read_text()
-    again = runner.invoke(app, ["captcha", "study", "--data", str(root / "pool"), "--out", str(out), "--quick"])
+def test_live_cells_answer_every_challenge_and_the_rotating_bot_starts_fresh_each_time(quick_study):
+    _, _, results = quick_study
+    live = results["live"]
+    assert {c["identity"] for c in live} == {"one-address", "rotating"}
+    for cell in live:
+        assert cell["answered"] + cell["refused_total"] == cell["attempted"] == cell["challenges"]
+        states = cell["counters"]["client_states_created"]
+        if cell["identity"] == "rotating":  # the service's own counters: one new cookie and address per challenge
+            assert states == {"cookie": cell["attempted"], "ip": cell["attempted"]}
+            assert cell["counters"]["limit_keys_created"]["challenge"] == cell["attempted"]
+        else:
+            assert states == {"cookie": 1, "ip": 1}
+        assert cell["bytes_per_challenge"] > 12 * 1000  # twelve JPEGs and the API calls, counted on the wire
+    rotating = [c for c in live if c["identity"] == "rotating"]
+    assert rotating and all(c["safeguard"] != "none" for c in rotating)
+
+
+def test_the_goal_verdict_and_every_cost_figure_are_recomputed_from_the_results(quick_study, tmp_path):
+    _, out, results = quick_study
+    result = StudyResult.from_json(out / "results.json")
+    prices = billing.load_prices()
+    bill = billing.bill(result, prices)
+    assert json.loads(json.dumps(bill)) == results["bill"]  # the stored bill is a function of the stored quantities
+    result.bill = bill
+    goal = billing.goal_check(result, prices)
+    assert json.loads(json.dumps(goal)) == results["goal"]
+    assert not goal["met"] and not goal["headline"]  # an exploratory run can never meet the goal
+    report = (out / "report.md").read_text()
+    for row in bill["pooled"]:
+        assert f"{dollars(row['per_thousand_low'])}-{dollars(row['per_thousand_high'])}" in report
+    for row in goal["settings"]:
+        verdict = "**met**" if row["meets"] else "not met"
+        assert f"| {row['setting']} | {row['safeguard']} | {row['attacker']} ({row['move']}) |" in report
+        assert report.count(f"{verdict} |") >= 1
+    # Another price: `asirra captcha bill` reprices the same quantities; the rotating bill moves with the proxy price.
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("cache"))
+    dearer = tmp_path / "prices.toml"
+    dearer.write_text(billing.PRICES_FILE.read_text().replace("high = 5.00", "high = 50.00"))
+    repriced = runner.invoke(app, ["captcha", "bill", "--study", str(copy), "--prices", str(dearer)])
+    assert repriced.exit_code == 0, repriced.output
+    again = json.loads((copy / "results.json").read_text())["bill"]["pooled"]
+    before = {(r["setting"], r["policy"], r["identity"], r["role"]): r for r in results["bill"]["pooled"]}
+    for row in again:
+        old = before[(row["setting"], row["policy"], row["identity"], row["role"])]
+        assert row["per_thousand_low"] == old["per_thousand_low"]  # the low end uses the low proxy price
+        if row["identity"] == "rotating" and row["p_lo"] > 0:
+            assert row["per_thousand_high"] > 5 * old["per_thousand_high"]
+            assert dollars(row["per_thousand_high"]) in (copy / "report.md").read_text()
+
+
+def test_a_rerun_reuses_every_cached_result_and_a_changed_setting_recomputes_only_its_cells(quick_study):
+    root, out, results = quick_study
+    again = _study(root)
     assert again.exit_code == 0, again.output
-    assert (out / "results.csv").read_text() == before
-    changed = runner.invoke(app, ["captcha", "study", "--data", str(root / "pool"), "--out", str(out), "--quick",
-                                  "--scored", "12"])
-    assert changed.exit_code == 2 and "choose another --out" in changed.output
+    history = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
+    assert all(stats["computed"] == 0 for stats in history[-1]["cache"].values())
+    assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
+    changed = _study(root, "--side-challenges", "5")
+    assert changed.exit_code == 0, changed.output
+    stats = json.loads((out / "timings.jsonl").read_text().splitlines()[-1])["cache"]
+    assert stats["live"]["computed"] > 0  # the side and lookup cells, whose keys hold their challenge count...
+    assert all(s["computed"] == 0 for kind, s in stats.items() if kind != "live")  # ...and nothing else
+    assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
+
+
+def test_the_feature_scoring_is_what_the_live_bot_computes(quick_study):
+    """The study scores probes from stored features; the bot runs the saved model folder: the same logits."""
+    from asirra.captcha.attack.counter import parse_preprocess
+    from asirra.captcha.attack.solvers import MovedSolver, load_solver
+    from asirra.captcha.experiments.features import FeatureStore
+    from asirra.captcha.experiments.rungs import head_logits
+    from asirra.predict import load_classifier
+
+    _, out, _ = quick_study
+    folders = [p.parent for p in (out / "cache" / "attacker").glob("*/head.npz")]
+    served = sorted((out / "cache" / "served").glob("*/0000*.jpg"))[:12]
+    images = [p.read_bytes() for p in served]
+    store = FeatureStore(out / "cache")
+    checked = 0
+    for folder in folders:
+        record = json.loads((folder / "attacker.json").read_text())
+        move = "residual:8" if record["name"] == "residual" else "jpeg:50,median:5"
+        stored = head_logits(store, folder, images, move)
+        bot = MovedSolver(load_classifier(folder / "model"), parse_preprocess(move)).logits(images)
+        assert np.abs(stored - bot).max() < 0.05 and ((stored < 0) == (bot < 0)).all()
+        assert load_solver(folder).solve(images[:4]) is not None  # the folder is what `asirra attack --model` takes
+        checked += 1
+    assert checked >= 3
 
 
 def test_lists_parse_and_bad_settings_fail_in_one_line(tmp_path):
@@ -99,35 +168,11 @@ def test_lists_parse_and_bad_settings_fail_in_one_line(tmp_path):
     assert parse_moves("none,jpeg:75,jpeg:75+median:3") == ("none", "jpeg:75", "jpeg:75,median:3")
     with pytest.raises(ConfigError, match="not a whole number of 255ths"):
         parse_epsilons("0.01")
-    assert parse_epsilons("0,4/255,8") == (0, 4, 8)  # the one epsilon rule: whole numbers are 255ths
+    with pytest.raises(ConfigError, match="a headline run needs at least 3 seeds"):
+        StudyConfig(seeds=(0, 1))
     make_pool(tmp_path / "pool", cats=12, dogs=12)
-    for option, value in (("--methods", "nonsense"), ("--preprocess", "jpeg:500"), ("--epsilons", "1,1")):
+    for option, value in (("--moves", "jpeg:500"), ("--epsilons", "1,1"), ("--attackers", "oracle"),
+                          ("--budgets", "30,24")):
         result = runner.invoke(app, ["captcha", "study", "--data", str(tmp_path / "pool"), "--out",
                                      str(tmp_path / "out"), "--quick", option, value])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and "error:" in result.output, result.output
-
-
-@pytest.mark.slow
-def test_an_adaptive_attacker_learns_from_defended_crafting_images_never_the_hidden_set(tmp_path):
-    make_pool(tmp_path / "pool", cats=50, dogs=50)  # 76 crafting images: 48 train the surrogate, 28 left
-    out = tmp_path / "out"
-    result = runner.invoke(app, ["captcha", "study", "--data", str(tmp_path / "pool"), "--out", str(out), "--quick",
-                                 "--attackers", "shipped,bought-labels", "--attacker-pool", "24", "--headline", "none"])
-    assert result.exit_code == 0, result.output
-    split = json.loads((out / "split.json").read_text())
-    hidden = {os.path.realpath(s) for s in split["hidden"]}
-    surrogate_share = {os.path.realpath(p) for p in (out / "craft").iterdir()}
-    # At eps 8 the attacker learns from hardened copies of crafting images the surrogates never saw.
-    taught = [json.loads(line)["source"] for line in
-              (out / "attacker-pools" / "fgsm-e8" / "manifest.jsonl").read_text().splitlines()]
-    assert len(taught) == 24
-    taught = {os.path.realpath(s) for s in taught}
-    assert taught <= {os.path.realpath(s) for s in split["craft"]}
-    assert taught.isdisjoint(hidden) and taught.isdisjoint(surrogate_share)
-    for setting in ("none", "fgsm-e8"):  # one build per setting, each from that setting's pool
-        record = json.loads((out / "attackers" / f"bought-labels--{setting}" / "attacker.json").read_text())
-        assert record["train_data"] == str((out / "attacker-pools" / setting).resolve())
-        assert record["labels_bought"] == 24
-    cells = json.loads((out / "results.json").read_text())["cells"]
-    assert {(c["epsilon"], c["attacker"]) for c in cells} >= {(0, "bought-labels"), (8, "bought-labels")}
-    assert "rebuilt at every setting from 24 crafting images" in (out / "report.md").read_text()

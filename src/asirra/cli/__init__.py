@@ -46,7 +46,9 @@ add_command(captcha_app, "distort", captcha.captcha_distort)
 add_command(captcha_app, "build-attacker", captcha.captcha_build_attacker)
 # The old spelling: `captcha attacker` read too much like `asirra attack` (which runs a bot; this builds one).
 add_command(captcha_app, "attacker", captcha.captcha_build_attacker, hidden=True)
+add_command(captcha_app, "pool", captcha.captcha_pool)
 add_command(captcha_app, "study", captcha.captcha_study)
+add_command(captcha_app, "bill", captcha.captcha_bill)
 app.add_typer(captcha_app, name="captcha")
 
 

@@ -153,8 +153,9 @@ def captcha_distort(
 
 
 def captcha_build_attacker(
-    name: str = typer.Argument(..., help="The rung: shipped, seed-cnn-alt, lite2-probe, bought-labels, adv-trained or passed-challenges."),
-    out: Path = typer.Option(..., "--out", help="Folder for the attacker (its model/ is what `asirra attack --model` takes)."),
+    name: str = typer.Argument(..., help="The rung: shipped, seed-cnn-alt, lite2-probe, adv-trained, passed-challenges, "
+                               "bought-labels, bought-aug, residual, finetune, ensemble, self-trained or lookup."),
+    out: Path = typer.Option(..., "--out", help="Folder for the attacker (the path it prints is what `asirra attack --model` takes)."),
     data: Optional[Path] = typer.Option(None, "--data", help="The labelled pool the attacker learns from (and the service serves)."),
     url: Optional[str] = typer.Option(None, "--url", help="Fetch images as served from this live service (else rendered locally as it would)."),
     budget: Optional[int] = typer.Option(None, "--budget", min=12, help="Training images (default per rung, a few hundred)."),
@@ -166,50 +167,78 @@ def captcha_build_attacker(
     typer.echo(str(build_attacker(name, out, train_data=data, service_url=url, budget=budget, seed=seed)))
 
 
-def captcha_study(
-    data: Path = typer.Option(..., "--data", help="Labelled pool: split into a hidden scored set and crafting images."),
-    out: Path = typer.Option(..., "--out", help="Folder for report.md, results.csv/json, plots and the cache (rerun to resume)."),
-    quick: bool = typer.Option(False, "--quick", help=f"A few minutes: {_QUICK.scored} hidden images, eps "
-                               f"{_listed(_QUICK.epsilons)}, {_listed(_QUICK.methods)}, a {_QUICK.surrogate_epochs}-epoch "
-                               f"{_listed(_QUICK.surrogates)} surrogate."),
-    scored: Optional[int] = typer.Option(None, "--scored", help=f"Hidden images scored in every cell "
-                                         f"(default {_STUDY.scored}; --quick {_QUICK.scored})."),
-    craft_limit: Optional[int] = typer.Option(None, "--craft-limit", help=f"Crafting images the surrogates train on "
-                                              f"(default {_STUDY.craft_limit})."),
-    methods: Optional[str] = typer.Option(None, "--methods", help=f"Comma-separated harden methods (default {_listed(_STUDY.methods)})."),
-    epsilons: Optional[str] = typer.Option(None, "--epsilons", help=f"Comma-separated, in 255ths "
-                                           f"(default {_listed(_STUDY.epsilons)})."),
-    attackers: Optional[str] = typer.Option(None, "--attackers", help="Comma-separated: shipped, model folders, or ladder "
-                                            f"names (default {_listed(_STUDY.attackers)})."),
-    preprocess: Optional[str] = typer.Option(None, "--preprocess",
-                                             help="Comma-separated counter-moves, + chains steps: none,jpeg:75,median:3,jpeg:75+median:3 "
-                                                  f"(default {_listed(_STUDY.preprocess)})."),
-    surrogates: Optional[str] = typer.Option(None, "--surrogates", help="Comma-separated defender models (default "
-                                             f"{_listed(_STUDY.surrogates)}, trained on the crafting images)."),
-    headline: Optional[str] = typer.Option(None, "--headline", help=f"Live attacks: strongest, all or none (default {_STUDY.headline})."),
-    live_challenges: Optional[int] = typer.Option(None, "--live-challenges", help=f"Challenges per live attack "
-                                                  f"(default {_STUDY.live_challenges})."),
-    attacker_pool: Optional[int] = typer.Option(None, "--attacker-pool", min=12,
-                                                help=f"Crafting images adaptive attackers learn from, hardened per setting "
-                                                     f"(default {_STUDY.attacker_pool})."),
-    baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma-separated distortion baselines served and attacked "
-                                            "the same way: noise, blur, warp, contrast, clutter, or KIND:STRENGTH "
-                                            f"(default none; --quick {_listed(_QUICK.baselines)})."),
-    seed: SeedOption = default("seed", of=StudyConfig),
+def captcha_pool(
+    data: Path = typer.Option(..., "--data", help="Labelled photos (e.g. ../shared/datasets/dogs-vs-cats/train)."),
+    out: Path = typer.Option(..., "--out", help="Folder for links to the kept photos and pool.json."),
+    split: Optional[Path] = typer.Option(None, "--split", help="A split.json whose \"val\" content keys are the photos "
+                                         "the model under attack never trained on (default: the shipped model's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=2, help="Keep a stratified random LIMIT of them."),
+    seed: SeedOption = 0,
 ) -> None:
-    """The hardening study: methods x epsilon x attackers x counter-moves on served bytes, with live attacks."""
+    """Link the photos the model under attack never trained on (its validation split): the study's pool."""
+    from asirra.captcha.experiments.pool import make_pool
+
+    record = make_pool(data, out, split, limit=limit, seed=seed)
+    typer.echo(f"{record['photos']:,} photos of {data} in {out} (validation split of {record['split_file']}); "
+               f"{out / 'pool.json'}")
+
+
+def captcha_bill(
+    study: Path = typer.Option(..., "--study", help="A finished study's folder (its results.json)."),
+    prices: Optional[Path] = typer.Option(None, "--prices", help="Prices to apply (default: the cited prices.toml)."),
+) -> None:
+    """Reprice a finished study: the bill, the goal check and report.md from results.json and the prices."""
+    from asirra.captcha.experiments.study import rewrite
+
+    result = rewrite(study, prices)
+    typer.echo(f"goal {'met' if result.goal['met'] else 'not met'}; wrote {result.files['report']}")
+
+
+def captcha_study(
+    data: Path = typer.Option(..., "--data", help="The pool `asirra captcha pool` made (photos the model under attack "
+                              "never trained on; any other photo is refused)."),
+    out: Path = typer.Option(..., "--out", help="Folder for report.md, results.json, plots and the cache (rerun to resume)."),
+    quick: bool = typer.Option(False, "--quick", help=f"A few minutes: seeds {_listed(_QUICK.seeds)}, {_QUICK.scored} "
+                               f"scored photos, {_QUICK.method} at eps {_listed(_QUICK.epsilons)}, a "
+                               f"{_QUICK.surrogate_epochs}-epoch {_QUICK.surrogate} surrogate (exploratory)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="The split.json of the model under attack (default: the "
+                                         "shipped model's)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help=f"Comma-separated (default {_listed(_STUDY.seeds)})."),
+    scored: Optional[int] = typer.Option(None, "--scored", help=f"Photos served and scored per seed (default {_STUDY.scored})."),
+    hardened: Optional[int] = typer.Option(None, "--hardened", help="Photos hardened per setting; seeds draw their scored "
+                                           f"set and attacker pool from them (default {_STUDY.hardened})."),
+    epsilons: Optional[str] = typer.Option(None, "--epsilons", help=f"Comma-separated, in 255ths (default {_listed(_STUDY.epsilons)})."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help=f"Labels bought (default {_listed(_STUDY.budgets)})."),
+    attackers: Optional[str] = typer.Option(None, "--attackers", help=f"Ladder rungs (default {_listed(_STUDY.attackers)})."),
+    moves: Optional[str] = typer.Option(None, "--moves", help="Counter-moves every rung is scored with, + chains steps "
+                                        f"(default {_listed(_STUDY.moves).replace(',median', '+median')})."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Verdict policies served: none, recommended (what "
+                                           "`captcha defend` recommends for the measured bot) or a safeguard spec "
+                                           f"(default {_listed(_STUDY.policies)})."),
+    live_challenges: Optional[int] = typer.Option(None, "--live-challenges", help=f"Per headline cell and seed (default {_STUDY.live_challenges})."),
+    side_challenges: Optional[int] = typer.Option(None, "--side-challenges", help=f"Per side cell (default {_STUDY.side_challenges})."),
+    practice_challenges: Optional[int] = typer.Option(None, "--practice-challenges", help="Self-training's practice "
+                                                      f"challenges (default {_STUDY.practice_challenges})."),
+    exploratory: bool = typer.Option(False, "--exploratory", help="Allow fewer than 3 seeds or 200 challenges a cell "
+                                     "(marked scouting: never meets the goal)."),
+    prices: Optional[Path] = typer.Option(None, "--prices", help="Prices for the bill (default: the cited prices.toml)."),
+) -> None:
+    """The attacker's bill: hardening x verdict policy x attacker x identity, live, with what a thousand passes cost."""
     from dataclasses import replace
 
     from asirra.captcha.experiments.study import parse_epsilons, parse_list, parse_moves, run_study
+    from asirra.captcha.experiments.study.plan import parse_ints
 
-    config = quick_config(seed=seed) if quick else StudyConfig(seed=seed)
-    given = {"scored": scored, "craft_limit": craft_limit, "headline": headline, "live_challenges": live_challenges,
-             "attacker_pool": attacker_pool, "baselines": parse_list(baselines) if baselines else None,
-             "methods": parse_list(methods) if methods else None,
+    config = quick_config() if quick else StudyConfig()
+    given = {"seeds": parse_ints(seeds) if seeds else None, "scored": scored, "hardened": hardened,
              "epsilons": parse_epsilons(epsilons) if epsilons else None,
+             "budgets": parse_ints(budgets) if budgets else None,
              "attackers": parse_list(attackers) if attackers else None,
-             "preprocess": parse_moves(preprocess) if preprocess else None,
-             "surrogates": parse_list(surrogates) if surrogates else None}
-    result = run_study(data, out, replace(config, **{k: v for k, v in given.items() if v is not None}))
-    typer.echo(f"{len(result.cells)} cells, {len(result.live)} live attacks; goal "
+             "moves": parse_moves(moves) if moves else None,
+             "policies": parse_list(policies) if policies else None,
+             "live_challenges": live_challenges, "side_challenges": side_challenges,
+             "practice_challenges": practice_challenges, "exploratory": True if exploratory else None}
+    config = replace(config, **{k: v for k, v in given.items() if v is not None})
+    result = run_study(data, out, config, split_file=split, prices_file=prices)
+    typer.echo(f"{len(result.cells)} scored cells, {len(result.live)} live cells; goal "
                f"{'met' if result.goal['met'] else 'not met'}; wrote {result.files['report']}")

@@ -4,10 +4,13 @@ Rungs, weakest knowledge first:
 - shipped: the model asirra ships (nothing is built);
 - seed-cnn-alt, lite2-probe: models the defender never used (its surrogates are seed-cnn and
   effnet-lite0 by the defender's recipe), trained on clean labelled photos;
-- bought-labels, adv-trained, passed-challenges: adaptive attackers. They know the method but not
+- adv-trained, passed-challenges: adaptive attackers of the first study. They know the method but not
   the defender's surrogates, and learn from images *as served* (the service's crop, resize and
   JPEG re-encoding, and any hardening of its pool): fetched over HTTP when a service URL is given,
   else rendered with the service's own re-encoding (`asirra.captcha.rendering`) from the pool.
+- bought-labels, bought-aug, residual, finetune, ensemble, self-trained, lookup: the top of the ladder
+  (asirra.captcha.experiments.rungs), each learning from labels bought for served images; their
+  folder's solver.json says how to answer (asirra.captcha.attack.solvers.load_solver).
 
 Labels an attacker could buy from a solving farm come from the truth (it stands in for the farm);
 over HTTP a served image is matched back to its pool photo by a small thumbnail, the way a farm's
@@ -32,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from asirra.captcha.experiments import rungs
 from asirra.errors import ConfigError
 from asirra.fileio import write_json_atomic
 from asirra.labels import CAT, DOG
@@ -53,16 +57,34 @@ ATTACKERS: dict[str, str] = {
     "passed-challenges": "attacks with the shipped model, keeps the challenges it passed (a pass labels all 12 "
                          "images) and trains an effnet-lite2 probe on them",
 }
+# The ladder the study climbs (issue 17): the attacker that does not adapt, then rungs that learn from
+# bought labels of images as served, then the lookup attack.
+RUNGS: dict[str, str] = {
+    SHIPPED: ATTACKERS[SHIPPED],
+    "bought-labels": "effnet-lite2 linear probe on one served rendering of each bought photo, every label in the fit",
+    "bought-aug": "the same probe on two served renderings of each bought photo, their mirrors and the "
+                  "jpeg:50+median:5 counter-move; predicts on the image and its mirror",
+    "residual": "the same probe on the residual (image minus its 5x5 median, x8): the noise the label rides on",
+    "finetune": "effnet-lite2's top block and head fine-tuned on the bought photos (the shipped model's recipe)",
+    "ensemble": "stacked logits of the shipped model after jpeg:50+median:5, bought-aug and residual "
+                "(weights fitted out of fold on the bought labels)",
+    "self-trained": "bought-aug, refitted on its own passed challenges against a practice service (a pass "
+                    "labels 12 images for free)",
+    "lookup": "a table from served thumbnails to bought labels: a photo seen before is answered from the table",
+}
+ATTACKERS.update({name: text for name, text in RUNGS.items() if name not in ATTACKERS or name == "bought-labels"})
 # The rungs that learn from the defended pool as served (a study builds them per hardening setting).
-ADAPTIVE = ("bought-labels", "adv-trained", "passed-challenges")
+ADAPTIVE = ("bought-labels", "adv-trained", "passed-challenges", "bought-aug", "residual", "finetune", "ensemble",
+            "self-trained", "lookup")
 # Images each rung trains on unless told (`budget`): minutes on 2 shared cores.
 DEFAULT_BUDGET = {"seed-cnn-alt": 2000, "lite2-probe": 600, "bought-labels": 300, "adv-trained": 120,
-                  "passed-challenges": 300}
-FARM_DOLLARS_PER_1000 = (0.5, 3.0)  # what solving farms charge per thousand labels (issue 8)
+                  "passed-challenges": 300, "bought-aug": 1000, "residual": 1000, "finetune": 1000, "ensemble": 1000,
+                  "self-trained": 1000, "lookup": 1000}
 RECORD = "attacker.json"
 PROBE_MODEL = "effnet-lite2"
 MATCH_SIDE = 12  # thumbnail side for tying a served image back to its pool photo
 MAX_WAIT = 120.0  # seconds of Retry-After a build waits out in all
+PRACTICE_CHALLENGES = 200  # self-training's practice against a service
 
 
 class LadderError(ConfigError):
@@ -75,7 +97,9 @@ class LadderError(ConfigError):
 def build_attacker(name: str, out: str | Path, *, train_data: str | Path | None = None,
                    service_url: str | None = None, budget: int | None = None, seed: int = 0,
                    progress: bool = True) -> Path:
-    """Build rung `name` in `out` (reused if already built with these settings) -> its model folder."""
+    """Build rung `name` in `out` (reused if already built with these settings) -> what `asirra attack --model`
+    takes: the model folder of the older rungs, the rung's folder (its solver.json) for those of
+    asirra.captcha.experiments.rungs."""
     from asirra.models import default_model_path, resolve_model_folder
 
     if name not in ATTACKERS:
@@ -92,17 +116,111 @@ def build_attacker(name: str, out: str | Path, *, train_data: str | Path | None 
     out = Path(out)
     settings = {"name": name, "train_data": str(Path(train_data).resolve()), "service_url": service_url,
                 "budget": budget, "seed": seed}
+    bought_rung = name in rungs.BUILDERS
     # Reused when already built with these settings; refused when built with others.
     if check_stamp(out, settings, RECORD, f"attacker ({name})", keys=settings) is not None:
-        return resolve_model_folder(out / "model")
+        return out if bought_rung else resolve_model_folder(out / "model")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    extra = BUILDERS[name](out, Path(train_data), service_url, budget, seed, progress)
+    if bought_rung:
+        extra = _bought_rung(name, out, Path(train_data), service_url, budget, seed, progress)
+    else:
+        extra = BUILDERS[name](out, Path(train_data), service_url, budget, seed, progress)
     record = {**settings, "description": ATTACKERS[name], **extra,
               "seconds": round(time.perf_counter() - started, 1)}
     write_json_atomic(out / RECORD, record)
-    log.info(f"attacker {name} built in {record['seconds']:.0f} s -> {out / 'model'}")
-    return resolve_model_folder(out / "model")
+    log.info(f"attacker {name} built in {record['seconds']:.0f} s -> {out}")
+    return out if bought_rung else resolve_model_folder(out / "model")
+
+
+def _bought_rung(name: str, out: Path, data: Path, url: str | None, budget: int, seed: int, progress: bool) -> dict:
+    """A rung of asirra.captcha.experiments.rungs from `budget` photos of the pool as served (two renderings each
+    when rendered locally; as many as were served when fetched over HTTP), their members built first."""
+    from asirra.cache import default_cache_dir
+    from asirra.captcha.experiments.features import FeatureStore
+
+    bought, used = _bought(out / "served", data, url, budget, seed, progress)
+    ctx = rungs.RungContext(FeatureStore(default_cache_dir()), seed=seed, progress=progress)
+    for member in rungs.NEEDS.get(name, ()):
+        folder = out / "members" / member
+        if rungs.built(folder) is None:
+            rungs.build_rung(member, folder, bought, ctx)
+        ctx.members[member] = folder
+    if name == "self-trained":
+        ctx.practice = lambda folder: _practise(folder, data, url, set(used), seed, progress)
+    record = rungs.build_rung(name, out, bought, ctx)
+    return {**record, "used": sorted(set(used))}
+
+
+def _bought(folder: Path, data: Path, url: str | None, budget: int, seed: int,
+            progress: bool) -> tuple[list, list[str]]:
+    """(BoughtPhoto per bought pool photo, their names); the renderings kept in `folder` as Kaggle-named JPEGs."""
+    from asirra.cache import content_key
+    from asirra.data import scan
+
+    refs = scan(data, labelled=True)
+    if not refs:
+        raise LadderError(f"no labelled images in {data}")
+    by_name: dict[str, list[bytes]] = {}
+    if url is None:
+        from asirra.captcha.rendering import RenderSettings, render_jpeg
+
+        settings = RenderSettings()
+        for ref in tqdm(_pick(refs, budget, seed), desc="served images", disable=not progress, leave=False):
+            image, rng = ref.load(draft_size=settings.image_side[1]), random.Random(f"{seed}:{ref.name}")
+            by_name[ref.name] = [render_jpeg(image, rng, settings) for _ in range(2)]
+    else:
+        matcher = _Matcher(refs)
+        with _Session(url) as session:
+            while len(by_name) < budget:
+                cid, images = session.challenge()
+                matched = [matcher.match(jpeg) for jpeg in images]
+                for jpeg, ref in zip(images, matched):
+                    if ref.name in by_name or len(by_name) < budget:
+                        by_name.setdefault(ref.name, []).append(jpeg)
+                # The farm's answer is submitted, as a farm-backed bot would, so no challenge is left pending.
+                session.answer(cid, [i for i, ref in enumerate(matched) if ref.label == CAT])
+    label = {ref.name: ref.label for ref in refs}
+    folder.mkdir(parents=True, exist_ok=True)
+    bought = []
+    for i, (name, copies) in enumerate(sorted(by_name.items())):
+        bought.append(rungs.BoughtPhoto(content_key(copies[0]), label[name], copies))
+        _write_labelled(folder, i, label[name], copies[0])
+    return bought, sorted(by_name)
+
+
+def _practise(folder: Path, data: Path, url: str | None, bought: set, seed: int, progress: bool) -> tuple[list, dict]:
+    """Self-training's practice: the live service at `url`, else a local one serving the photos not bought."""
+    from asirra.captcha.attack.bot import attack
+    from asirra.captcha.attack.solvers import load_solver
+
+    passed = []
+
+    def keep(images, answers, verdict):
+        if verdict == "pass":
+            passed.append((images, answers))
+
+    def run(target: str):
+        return attack(target, PRACTICE_CHALLENGES, load_solver(folder), progress=progress, observe=keep, max_wait=MAX_WAIT)
+
+    if url is not None:
+        report = run(url)
+    else:
+        from asirra.captcha.safeguards import parse_safeguard
+        from asirra.captcha.service.app import create_app
+        from asirra.captcha.service.run import running
+        from asirra.captcha.service.settings import ServiceSettings
+        from asirra.data import scan
+
+        pool = [ref for ref in scan(data, labelled=True) if ref.name not in bought]
+        if len(pool) < 12:
+            raise LadderError(f"self-training needs at least 12 photos it did not buy to practise on; {data} has {len(pool)}")
+        settings = ServiceSettings(challenge_rate=1000, challenge_burst=1000, request_rate=10_000, request_burst=10_000,
+                                   seed=seed)
+        with running(create_app(pool, parse_safeguard("none"), settings)) as local:
+            report = run(local)
+    return passed, {"practice_challenges": report.attempted, "practice_passed": report.passed,
+                    "practice_bytes": report.bytes_up + report.bytes_down}
 
 
 def used_ids(out: str | Path) -> set[str]:
@@ -128,14 +246,6 @@ def _seed_cnn_alt(out, data, url, budget, seed, progress) -> dict:
 def _lite2_probe(out, data, url, budget, seed, progress) -> dict:
     config = _probe_config(data, out / "run", seed + 202, limit=budget, views=2)
     return _train_and_keep(config, out, used=_limited_names(data, budget, seed + 202))
-
-
-def _bought_labels(out, data, url, budget, seed, progress) -> dict:
-    served, used = _served_labelled(out / "served", data, url, budget, seed, progress)
-    bought = len(used)  # fewer than the budget when the pool is smaller
-    low, high = (bought * d / 1000 for d in FARM_DOLLARS_PER_1000)
-    extra = _train_and_keep(_probe_config(served, out / "run", seed), out, used=used)
-    return {**extra, "labels_bought": bought, "label_cost_dollars": [round(low, 4), round(high, 4)]}
 
 
 def _adv_trained(out, data, url, budget, seed, progress) -> dict:
@@ -171,8 +281,7 @@ def _passed_challenges(out, data, url, budget, seed, progress, solver=None) -> d
 
 
 BUILDERS: dict[str, Callable] = {"seed-cnn-alt": _seed_cnn_alt, "lite2-probe": _lite2_probe,
-                                 "bought-labels": _bought_labels, "adv-trained": _adv_trained,
-                                 "passed-challenges": _passed_challenges}
+                                 "adv-trained": _adv_trained, "passed-challenges": _passed_challenges}
 
 
 # ---- training ------------------------------------------------------------------------------

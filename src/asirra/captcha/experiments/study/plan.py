@@ -1,34 +1,27 @@
-"""The study's plan: its settings, how the pool splits into hidden (scored) and crafting images,
-and the names of its pools and settings. Nothing here trains, serves or scores."""
+"""The study's plan: its settings, which photos play which role, and the names of settings and cells.
+Nothing here trains, serves or scores."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 
 from asirra.captcha.challenge import CHALLENGE_SIZE
-from asirra.captcha.experiments.ladder import ADAPTIVE
+from asirra.captcha.experiments.ladder import RUNGS, SHIPPED
 from asirra.errors import ConfigError
-from asirra.labels import CLASS_NAMES
-from asirra.runs import claim
-from asirra.stats import stratified_subset
 
 log = logging.getLogger(__name__)
 
-SHIPPED = "shipped"  # the attacker's model shipped with asirra (never a surrogate of headline rows)
-GOAL_PASS_RATE = 0.10
+GOAL_PASS_RATE = 0.10  # (a): the strongest one-address attacker's upper 95% end must be at most this
 GOAL_SSIM = 0.90
-# Human solving farms' price per thousand CAPTCHAs (the issue's figure), for the cost comparison.
-FARM_PRICE_PER_THOUSAND = (0.5, 3.0)
-# What the bot's machine costs per hour: a 2-vCPU cloud instance, roughly (an assumption, stated
-# in the report; override with --machine-cost).
-MACHINE_COST_PER_HOUR = 0.10
-SCORE_BATCH = 32  # served images per classifier call when scoring a cell
+GOAL_PEOPLE = 0.99
+GOAL_DOLLARS_PER_THOUSAND = 1.0  # (b): what a thousand passes must cost an attacker free to rotate addresses
 CLEAN = "none"  # the method name of the epsilon-0 row: no hardening at all
+SCORE_BATCH = 32  # served images per classifier call when scoring a cell
+RECOMMENDED = "recommended"  # the policy `asirra captcha defend` recommends for the measured bot
+ONE_ADDRESS, ROTATING = "one-address", "rotating"
+HEADLINE_SEEDS, HEADLINE_CHALLENGES = 3, 200  # below these a run is exploratory and can never meet the goal
 
 
 class StudyError(ConfigError):
@@ -37,26 +30,31 @@ class StudyError(ConfigError):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    scored: int = 300  # hidden images scored in every cell (half per class)
-    craft_limit: int | None = 600  # crafting images the surrogates train on (None: all of them)
-    methods: tuple[str, ...] = ("pgd",)
-    epsilons: tuple[int, ...] = (0, 2, 4, 8, 16)  # in 0..255 units
-    attackers: tuple[str, ...] = (SHIPPED,)
-    preprocess: tuple[str, ...] = ("none", "jpeg:75", "median:3")
-    surrogates: tuple[str, ...] = ("effnet-lite0",)
-    steps: int | None = None  # harden's default per method
-    eot: int = 2
+    seeds: tuple[int, ...] = (0, 1, 2)  # each draws its own scored set, attacker pool, labels and challenges
+    scored: int = 300  # photos per seed the service serves and every cell is scored on (half per class)
+    # Photos hardened per setting: every seed draws its scored set and attacker pool from these (PGD costs
+    # 2.5-3 CPU-s a photo on this machine, so the pool is hardened once, not once per seed).
+    hardened: int = 3300
+    surrogate_images: int = 500  # the defender's surrogate trains on these (never hardened, scored or bought)
+    surrogate_seed: int = 0
+    surrogate: str = "effnet-lite0"
     surrogate_epochs: int = 30
-    headline: str = "strongest"  # "strongest", "all", or "none": which cells get a live attack
-    live_challenges: int = 60
-    # Crafting images (outside the surrogates' training subset) an adaptive attacker may learn from,
-    # hardened like the served pool at each setting; the hidden set stays hidden from it too.
-    attacker_pool: int = 300
-    # The classic baseline: random distortions (asirra.captcha.defend.distort kinds, "kind" or "kind:strength"),
-    # served and attacked like the hardened pools; not bounded in L-infinity, so they have no epsilon.
-    baselines: tuple[str, ...] = ()
-    machine_cost: float = MACHINE_COST_PER_HOUR
-    seed: int = 0
+    method: str = "pgd"
+    epsilons: tuple[int, ...] = (0, 4)  # in 0..255 units
+    steps: int | None = None  # harden's default for the method
+    eot: int = 2
+    bf16: bool = True  # the surrogate's passes in bfloat16 while hardening (harden.HardenConfig.bf16)
+    budgets: tuple[int, ...] = (300, 1000, 3000)  # labels bought; nested prefixes of each seed's attacker pool
+    attackers: tuple[str, ...] = ("shipped", "bought-labels", "bought-aug", "residual", "finetune", "ensemble",
+                                  "self-trained", "lookup")
+    moves: tuple[str, ...] = ("none", "jpeg:50,median:5")  # counter-moves every classifier rung is scored with
+    policies: tuple[str, ...] = ("none", RECOMMENDED)
+    live_challenges: int = 200  # per headline cell and seed
+    side_challenges: int = 100  # per side cell (seed 0 only: the runner-up rung, lookup)
+    practice_challenges: int = 200  # self-training (first seed only): challenges against the practice service
+    finetune_epochs: int = 6
+    exploratory: bool = False  # allow fewer seeds or challenges than a headline needs (never meets the goal)
+    quick: bool = field(default=False, metadata={"key": False})
 
     def __post_init__(self):
         from asirra.captcha.attack.counter import parse_preprocess
@@ -64,27 +62,75 @@ class StudyConfig:
 
         if self.scored < CHALLENGE_SIZE or self.scored % 2:
             raise StudyError(f"--scored must be an even number of at least {CHALLENGE_SIZE}, got {self.scored}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise StudyError(f"unknown method {unknown[0]!r}; harden knows {', '.join(METHODS)}")
-        if not self.methods or not self.epsilons or not self.attackers or not self.preprocess:
-            raise StudyError("give at least one method, epsilon, attacker and preprocessing")
-        if any(not 0 <= e <= 64 for e in self.epsilons) or len(set(self.epsilons)) != len(self.epsilons):
+        if self.method not in METHODS:
+            raise StudyError(f"unknown method {self.method!r}; harden knows {', '.join(METHODS)}")
+        if any(not 0 <= e <= 64 for e in self.epsilons) or len(set(self.epsilons)) != len(self.epsilons) \
+                or not self.epsilons:
             raise StudyError(f"epsilons must be distinct integers in 0..64 (units of 1/255), got {self.epsilons}")
-        for spec in self.preprocess:
+        unknown = [a for a in self.attackers if a not in RUNGS]
+        if unknown:
+            raise StudyError(f"unknown attacker {unknown[0]!r}; the ladder has {', '.join(RUNGS)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise StudyError(f"give distinct seeds, got {self.seeds}")
+        if not self.budgets or any(b < CHALLENGE_SIZE or b % 2 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
+            raise StudyError(f"budgets must be increasing even numbers of at least {CHALLENGE_SIZE}, got {self.budgets}")
+        if self.hardened < self.scored + self.budgets[-1]:
+            raise StudyError(f"--hardened {self.hardened} cannot hold {self.scored} scored photos and a budget of "
+                             f"{self.budgets[-1]}")
+        for spec in self.moves:
             parse_preprocess(spec)  # CounterError (a ValueError) names the bad step
-        for spec in self.baselines:
-            distortion(spec)  # DistortError (a ValueError) names the bad kind or strength
-        if self.headline not in ("strongest", "all", "none"):
-            raise StudyError(f"--headline must be strongest, all or none, got {self.headline!r}")
-        if self.live_challenges < 1:
-            raise StudyError(f"--live-challenges must be at least 1, got {self.live_challenges}")
+        bad = [p for p in self.policies if p != RECOMMENDED]
+        for spec in bad:
+            from asirra.captcha.safeguards import parse_safeguard
+
+            parse_safeguard(spec)
+        if self.live_challenges < 1 or self.side_challenges < 1:
+            raise StudyError("live and side challenges must be at least 1")
+        if not self.exploratory and (len(self.seeds) < HEADLINE_SEEDS or self.live_challenges < HEADLINE_CHALLENGES):
+            raise StudyError(f"a headline run needs at least {HEADLINE_SEEDS} seeds and {HEADLINE_CHALLENGES} live "
+                             "challenges per cell; pass --exploratory for a smaller run (it can never meet the goal)")
+
+    @property
+    def headline(self) -> bool:
+        return not self.exploratory
+
+
+@dataclass
+class StudyResult:
+    """What a study found, as results.json keeps it (`from_json` reads it back for `asirra captcha bill`)."""
+
+    out: Path
+    config: StudyConfig
+    cells: list  # offline scores: setting x seed x rung x move
+    live: list  # live cells
+    builds: list  # every rung built: labels, seconds
+    people: list
+    lookup: dict
+    policies: dict  # setting -> {policy name: the safeguard spec it stood for}
+    goal: dict = field(default_factory=dict)
+    bill: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    cache_stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "StudyResult":
+        import json
+
+        data = json.loads(Path(path).read_text())
+        config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
+        return cls(Path(path).parent, config, data["cells"], data["live"], data["builds"], data["people"],
+                   data["lookup"], data["policies"], timings=data.get("timings", {}),
+                   cache_stats=data.get("cache_stats", {}))
 
 
 def quick_config(**overrides) -> StudyConfig:
-    """A study in a few minutes: a tiny hidden set, 2 epsilons, fgsm, a noise baseline, one counter-move, a toy surrogate."""
-    base = StudyConfig(scored=24, craft_limit=48, methods=("fgsm",), epsilons=(0, 8), preprocess=("none", "jpeg:75"),
-                       surrogates=("seed-cnn",), surrogate_epochs=1, eot=1, live_challenges=12, baselines=("noise",))
+    """A study in a few minutes on a synthetic pool: tiny roles, fgsm at eps 8, a toy surrogate, few challenges."""
+    base = StudyConfig(seeds=(0, 1), scored=24, hardened=72, surrogate_images=24, surrogate="seed-cnn",
+                       surrogate_epochs=1, method="fgsm", epsilons=(0, 8), eot=1, bf16=False, budgets=(24, 48),
+                       attackers=("shipped", "bought-labels", "bought-aug", "residual", "ensemble", "lookup"),
+                       moves=("none", "jpeg:50,median:5"), live_challenges=6, side_challenges=6,
+                       practice_challenges=12, exploratory=True, quick=True)
     return replace(base, **overrides)
 
 
@@ -104,92 +150,21 @@ def parse_epsilons(text: str) -> tuple[int, ...]:
     return tuple(epsilon_in_255ths(part) for part in parse_list(text))
 
 
-# ---- 1. the split ---------------------------------------------------------------------------
-
-
-SPLIT_RULE = ("per class, a permutation of the pool's images (sorted by source) drawn by numpy "
-              "default_rng(seed); the first scored/2 of each class are hidden, the rest craft")
-
-
-def split_pool(refs: Sequence, scored: int, seed: int) -> tuple[list, list]:
-    """(hidden, crafting): disjoint, stratified, reproducible from the seed alone."""
-    if any(ref.label is None for ref in refs):
-        raise StudyError("every pool image needs a label (cat or dog)")
-    rng = np.random.default_rng(seed)
-    hidden, craft = [], []
-    for label in sorted({ref.label for ref in refs}):
-        members = sorted((ref for ref in refs if ref.label == label), key=lambda r: r.source)
-        if len(members) < scored // 2 + 1:
-            raise StudyError(f"the pool has {len(members)} {CLASS_NAMES[label]} images; --scored {scored} needs "
-                             f"{scored // 2} hidden and at least one to craft with")
-        order = rng.permutation(len(members))
-        hidden += [members[i] for i in order[: scored // 2]]
-        craft += [members[i] for i in order[scored // 2:]]
-    if len({r.label for r in hidden}) < 2:
-        raise StudyError("the pool needs both cats and dogs")
-    return sorted(hidden, key=lambda r: r.source), sorted(craft, key=lambda r: r.source)
-
-
-def record_split(out: Path, hidden: list, craft: list, config: StudyConfig) -> None:
-    """split.json: which images are hidden and which craft; a rerun must split the same way."""
-    record = {"rule": SPLIT_RULE, "seed": config.seed, "scored": config.scored,
-              "hidden": [r.source for r in hidden], "craft": [r.source for r in craft]}
-    claim(out, record, "split.json", "study", keys=("hidden", "craft"))
-
-
-def surrogate_share(craft: list, limit: int | None, seed: int) -> tuple[list, list]:
-    """(the crafting images the surrogates train on, the rest): a seeded stratified subset."""
-    chosen = subset(craft, limit, seed)
-    taken = {r.source for r in chosen}
-    return chosen, [r for r in craft if r.source not in taken]
-
-
-def subset(refs: list, limit: int | None, seed: int) -> list:
-    """A seeded stratified subset of `refs` in their own order (all of them without a limit)."""
-    if not limit or limit >= len(refs):
-        return list(refs)
-    return [refs[i] for i in sorted(stratified_subset(np.array([r.label for r in refs]), limit, seed).tolist())]
-
-
-def link_folder(folder: Path, chosen: list) -> Path:
-    """A Kaggle-named folder of (links to) `chosen` labelled images."""
-    from asirra.data import MEMBER_SEPARATOR
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, ref in enumerate(chosen):
-        suffix = Path(ref.source.split(MEMBER_SEPARATOR)[-1]).suffix or ".jpg"
-        target = folder / f"{CLASS_NAMES[ref.label]}.{i}{suffix}"
-        if target.exists() or target.is_symlink():
-            continue
-        if MEMBER_SEPARATOR in ref.source:
-            target.write_bytes(ref.read_bytes())
-        else:
-            target.symlink_to(Path(ref.source).resolve())
-    return folder
-
-
-def is_adaptive(name: str) -> bool:
-    """Adaptive rungs learn from the defended pool as served, so each setting gets its own build."""
-    return name in ADAPTIVE
-
-
-def distortion(spec: str):
-    """ "noise" or "noise:20" -> its DistortConfig (the default strength when none is given)."""
-    from asirra.captcha.defend.distort import DistortConfig, DistortError
-
-    kind, _, strength = spec.partition(":")
+def parse_ints(text: str) -> tuple[int, ...]:
     try:
-        return DistortConfig(kind=kind, strength=float(strength) if strength else None)
-    except ValueError as exc:
-        raise DistortError(str(exc) if isinstance(exc, DistortError) else f"bad strength in {spec!r}") from None
+        return tuple(int(part) for part in parse_list(text))
+    except ValueError:
+        raise StudyError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
-def pool_name(method: str, eps: int | None) -> str:
-    """The pool's folder name; a distortion baseline (eps None) is named after its kind and strength."""
-    if eps is None:
-        return "distort-" + method.replace(":", "")
+def setting_name(method: str, eps: int) -> str:
     return CLEAN if eps == 0 else f"{method}-e{eps}"
 
 
-def eps_label(eps: int | None) -> str:
-    return "-" if eps is None else str(eps)
+def is_classifier(name: str) -> bool:
+    """Rungs scored image by image (lookup answers from a table and is measured on its own)."""
+    return name != "lookup"
+
+
+__all__ = ["CLEAN", "GOAL_PASS_RATE", "GOAL_SSIM", "GOAL_PEOPLE", "GOAL_DOLLARS_PER_THOUSAND", "SHIPPED",
+           "StudyConfig", "StudyError", "quick_config"]
