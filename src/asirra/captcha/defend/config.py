@@ -38,7 +38,7 @@ class HardenConfig:
     logit_clip: float = 4.0  # balanced-target: the surrogate-logit move each image gets, in either direction
     # The surrogates' passes in bfloat16 (autocast): half the CPU time where the CPU computes bf16 natively
     # (AVX-512-BF16, AMX), many times more where it emulates it. PGD steps by the gradient's sign, which
-    # bf16 keeps (benchmarks/bench_harden.py measures the agreement).
+    # bf16 keeps well enough that the surrogate is fooled alike (benchmarks/bench_harden_bf16.py).
     bf16: bool = False
 
     def __post_init__(self):

@@ -191,36 +191,20 @@ def _bought(folder: Path, data: Path, url: str | None, budget: int, seed: int,
 
 def _practise(folder: Path, data: Path, url: str | None, bought: set, seed: int, progress: bool) -> tuple[list, dict]:
     """Self-training's practice: the live service at `url`, else a local one serving the photos not bought."""
-    from asirra.captcha.attack.bot import attack
     from asirra.captcha.attack.solvers import load_solver
 
-    passed = []
-
-    def keep(images, answers, verdict):
-        if verdict == "pass":
-            passed.append((images, answers))
-
-    def run(target: str):
-        return attack(target, PRACTICE_CHALLENGES, load_solver(folder), progress=progress, observe=keep, max_wait=MAX_WAIT)
-
     if url is not None:
-        report = run(url)
-    else:
-        from asirra.captcha.safeguards import parse_safeguard
-        from asirra.captcha.service.app import create_app
-        from asirra.captcha.service.run import running
-        from asirra.captcha.service.settings import ServiceSettings
-        from asirra.data import scan
+        return rungs.practise(url, PRACTICE_CHALLENGES, load_solver(folder), progress=progress)
+    from asirra.captcha.safeguards import parse_safeguard
+    from asirra.captcha.service.app import create_app
+    from asirra.captcha.service.run import running
+    from asirra.data import scan
 
-        pool = [ref for ref in scan(data, labelled=True) if ref.name not in bought]
-        if len(pool) < 12:
-            raise LadderError(f"self-training needs at least 12 photos it did not buy to practise on; {data} has {len(pool)}")
-        settings = ServiceSettings(challenge_rate=1000, challenge_burst=1000, request_rate=10_000, request_burst=10_000,
-                                   seed=seed)
-        with running(create_app(pool, parse_safeguard("none"), settings)) as local:
-            report = run(local)
-    return passed, {"practice_challenges": report.attempted, "practice_passed": report.passed,
-                    "practice_bytes": report.bytes_up + report.bytes_down}
+    pool = [ref for ref in scan(data, labelled=True) if ref.name not in bought]
+    if len(pool) < 12:
+        raise LadderError(f"self-training needs at least 12 photos it did not buy to practise on; {data} has {len(pool)}")
+    with running(create_app(pool, parse_safeguard("none"), rungs.open_settings(seed))) as local:
+        return rungs.practise(local, PRACTICE_CHALLENGES, load_solver(folder), progress=progress)
 
 
 def used_ids(out: str | Path) -> set[str]:

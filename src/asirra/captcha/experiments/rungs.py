@@ -238,6 +238,30 @@ def build_ensemble(out: Path, bought, ctx: RungContext) -> dict:
 # ---- self-training ---------------------------------------------------------------------------------
 
 
+def open_settings(seed: int, **overrides):
+    """Service settings with the limits out of the way: a practice service, or the defender measuring its pool."""
+    from asirra.captcha.service.settings import ServiceSettings
+
+    return ServiceSettings(challenge_rate=10_000, challenge_burst=10_000, request_rate=100_000, request_burst=100_000,
+                           max_per_client=10_000, seed=seed, **overrides)
+
+
+def practise(url: str, n: int, solver, identity=None, progress: bool = False) -> tuple[list, dict]:
+    """`n` challenges at `url` -> ([(12 served JPEGs, the answers) of every passed challenge], a record)."""
+    from asirra.captcha.attack.bot import OneAddress, attack
+
+    passed = []
+
+    def keep(images, answers, verdict):
+        if verdict == "pass":
+            passed.append((images, answers))
+
+    report = attack(url, n, solver, identity=identity or OneAddress(), progress=progress, observe=keep, max_wait=120)
+    return passed, {"practice_challenges": report.attempted, "practice_passed": report.passed,
+                    "practice_bytes": report.bytes_up + report.bytes_down}
+
+
+
 def build_self_trained(out: Path, bought, ctx: RungContext) -> dict:
     """bought-aug's recipe on the bought photos plus the photos of its own passed practice challenges."""
     if ctx.practice is None:

@@ -29,7 +29,9 @@ from asirra.captcha.experiments.rungs import (
     build_rung,
     built,
     head_logits,
+    open_settings,
 )
+from asirra.captcha.experiments.rungs import practise as rungs_practise
 from asirra.captcha.experiments.study.plan import (
     CLEAN,
     ONE_ADDRESS,
@@ -93,14 +95,6 @@ def files_input(photos, records) -> list:
 # ---- the served scored set ----------------------------------------------------------------------------
 
 
-def _relaxed_settings(seed: int):
-    from asirra.captcha.service.settings import ServiceSettings
-
-    # Limits out of the way: the defender measuring its own pool, or a practice service, not the bot's run.
-    return ServiceSettings(challenge_rate=10_000, challenge_burst=10_000, request_rate=100_000,
-                           request_burst=100_000, max_per_client=10_000, seed=seed, trusted_proxies=TRUSTED)
-
-
 def fetch_served(refs: list, seed: int, progress: bool = True) -> list[tuple[bytes, int, str]]:
     """Every pool image once, as the running service serves it over HTTP: (JPEG bytes, label, source)."""
     import httpx
@@ -111,7 +105,7 @@ def fetch_served(refs: list, seed: int, progress: bool = True) -> list[tuple[byt
     from asirra.captcha.service.store import ordered_pool
 
     pool = ordered_pool(refs)
-    app = create_app(pool, parse_safeguard("none"), _relaxed_settings(seed))
+    app = create_app(pool, parse_safeguard("none"), open_settings(seed, trusted_proxies=TRUSTED))
     served: dict[int, bytes] = {}
     bar = tqdm(total=len(pool), desc="fetching served images", unit="img", disable=not progress, leave=False)
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
@@ -237,12 +231,12 @@ class Study:
 
     # -- rungs --
 
-    def rung_key(self, name: str, budget: int, bought: list[BoughtPhoto], members: dict) -> Key:
+    def rung_key(self, name: str, budget: int, seed: int, bought: list[BoughtPhoto], members: dict) -> Key:
         from asirra.captcha.experiments.rungs import LOOKUP_RATIO, PROBE_C
         from asirra.models import default_model_path
 
         inputs = {"bought": sorted([b.key, b.label, [content_key(r) for r in b.renderings]] for b in bought),
-                  "features": self.store.key, "c": PROBE_C, "seed": budget}
+                  "features": self.store.key, "c": PROBE_C, "budget": budget, "seed": seed}
         if name == "finetune":
             inputs["epochs"] = self.config.finetune_epochs
         if name == "ensemble":
@@ -252,7 +246,7 @@ class Study:
         return input_key("attacker", version=STAGE["attacker"], name=name, members=members, **inputs)
 
     def build(self, name: str, budget: int, bought, seed: int, members: dict, practice=None) -> tuple[Key, Path, dict]:
-        key = self.rung_key(name, budget, bought, {m: k for m, (k, _) in members.items()})
+        key = self.rung_key(name, budget, seed, bought, {m: k for m, (k, _) in members.items()})
         folder = self.cache.folder(key)
         record = built(folder)
         if record is None:
@@ -568,24 +562,15 @@ def solver_for(study: Study, name: str, folder: Path | None, move: str):
 def practise(study: Study, setting: str, records, photos, folder: Path, seed: int) -> tuple[list, dict]:
     """Self-training's practice: the rung attacks a service serving photos it never bought (no scored one),
     from a fresh address per challenge; the photos of every passed challenge come back with its answers."""
-    from asirra.captcha.attack.bot import Rotating, attack
+    from asirra.captcha.attack.bot import Rotating
     from asirra.captcha.attack.solvers import load_solver
     from asirra.captcha.safeguards import parse_safeguard
     from asirra.captcha.service.app import create_app
     from asirra.captcha.service.run import running
 
-    passed = []
-
-    def keep(images, answers, verdict):
-        if verdict == "pass":
-            passed.append((images, answers))
-
-    app = create_app(labelled_refs(photos, records), parse_safeguard("none"), _relaxed_settings(seed))
+    app = create_app(labelled_refs(photos, records), parse_safeguard("none"), open_settings(seed, trusted_proxies=TRUSTED))
     with running(app) as url:
-        report = attack(url, study.config.practice_challenges, load_solver(folder), identity=Rotating(),
-                        progress=study.progress, observe=keep)
-    return passed, {"practice_challenges": report.attempted, "practice_passed": report.passed,
-                    "practice_bytes": report.bytes_up + report.bytes_down}
+        return rungs_practise(url, study.config.practice_challenges, load_solver(folder), Rotating(), study.progress)
 
 
 def lookup_live(study: Study, setting: str, eps: int, records, state: dict, policies: dict) -> dict:
