@@ -297,3 +297,10 @@ def test_the_lookup_table_finds_fresh_servings_of_known_photos_and_abstains_on_s
     relay = LookupSolver(fallback=lambda image: True, learn=True)
     relay.solve([render(known[0], "x"), render(known[0], "y"), render(known[1], "z")])
     assert (relay.fell_back, relay.looked_up) == (2, 1)  # it pays once per photo
+
+
+def test_people_behind_one_address_with_a_bot_pay_for_a_per_address_bucket():
+    alone = billing.shared_address_people("none", 0.9, rounds=1000)
+    shared = billing.shared_address_people("token-bucket:capacity=1", 0.9, rounds=1000)
+    assert alone["pass_rate"] > 0.99  # without a per-address history, the bot next door changes nothing
+    assert shared["pass_rate"] < 0.95 and shared["extra_failures_per_thousand"] > 40  # with one, it drains it

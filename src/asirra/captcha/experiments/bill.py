@@ -191,6 +191,29 @@ def people_rows(specs: list[str], n: int, seed: int) -> list[dict]:
     return rows
 
 
+def shared_address_people(spec: str, bot_accuracy: float, people: int = 10, rounds: int = 2000, seed: int = 0) -> dict:
+    """People behind one address (an office, a carrier's NAT) with a bot among them: each round every person
+    answers one challenge on their own cookie and the bot one on its own; the service judges each answer against
+    the cookie's history and the address's, the stricter wins (asirra.captcha.service.clients.SafeguardStates)."""
+    from asirra.captcha.experiments.simulate import accuracy_for_challenge_success, agent_mistakes
+    from asirra.captcha.safeguards import parse_safeguard
+    from asirra.captcha.service.clients import SafeguardStates
+
+    rng = np.random.default_rng(seed)
+    states = SafeguardStates(parse_safeguard(spec))
+    human = agent_mistakes(accuracy_for_challenge_success(HUMAN_CHALLENGE), rounds * people, rng).reshape(rounds, people)
+    bot = agent_mistakes(bot_accuracy, rounds, rng)
+    passed = 0
+    for r in range(rounds):
+        for person in range(people):
+            passed += states.judge(f"person-{person}", "shared", int(human[r, person])) == "pass"
+        states.judge("bot", "shared", int(bot[r]))
+    n = rounds * people
+    low, high = wilson_interval(passed, n)
+    return {"safeguard": spec, "people": people, "bot_accuracy": bot_accuracy, "challenges": n, "pass_rate": passed / n,
+            "ci_low": low, "ci_high": high, "extra_failures_per_thousand": 1000 * (HUMAN_CHALLENGE - passed / n)}
+
+
 # ---- lookup ---------------------------------------------------------------------------------------------
 
 
@@ -256,7 +279,7 @@ def goal_check(result, prices: dict) -> dict:
     from asirra.captcha.experiments.study.plan import GOAL_DOLLARS_PER_THOUSAND, GOAL_PASS_RATE, GOAL_SSIM
 
     config = result.config
-    people = {row["safeguard"]: row for row in result.people}
+    people = {row["safeguard"]: row for row in result.people if "shared_with" not in row}
     pooled = [r for r in result.bill["pooled"] if r["role"] == "headline"]
     rows = []
     for (setting, policy) in sorted({(r["setting"], r["policy"]) for r in pooled}):

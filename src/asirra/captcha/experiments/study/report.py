@@ -187,7 +187,7 @@ def budget_section(result: StudyResult, prices: dict) -> list[str]:
 
 
 def stacked_section(result: StudyResult, prices: dict) -> list[str]:
-    people = {r["safeguard"]: r for r in result.people}
+    people = {r["safeguard"]: r for r in result.people if "shared_with" not in r}
     lines = ["## Stacked defences, live", "",
              "Each cell is a fresh service (the real app over HTTP on loopback, default rate limits, the study's "
              "address as a trusted proxy) attacked by the strongest rung with its best counter-move. One address: one "
@@ -301,9 +301,19 @@ def people_section(result: StudyResult) -> list[str]:
              "human study was possible here; perturbations transferred from ensembles of networks have biased "
              "time-limited human observers (Elsayed et al., NeurIPS 2018).", "",
              "| policy | challenges | pass [95% CI] | extra failures per 1,000 |", "| --- | --- | --- | --- |"]
-    for r in result.people:
+    for r in (r for r in result.people if "shared_with" not in r):
         lines.append(f"| {r['safeguard']} | {r['challenges']:,} | {pct(r['pass_rate'], 2)} [{pct(r['ci_low'], 2)}, "
                      f"{pct(r['ci_high'], 2)}] | {r['extra_failures_per_thousand']:.1f} |")
+    shared = [r for r in result.people if "shared_with" in r]
+    if shared:
+        lines += ["", f"Behind one address with a bot ({shared[0]['people']} people and {shared[0]['shared_with']} at "
+                  f"{pct(shared[0]['bot_accuracy'])} per image at {shared[0]['setting']}, one challenge each per round; "
+                  "every answer judged by its cookie's history and the address's, the stricter winning):", "",
+                  "| policy | people's challenges | people pass [95% CI] | extra failures per 1,000 |",
+                  "| --- | --- | --- | --- |"]
+        for r in shared:
+            lines.append(f"| {r['safeguard']} | {r['challenges']:,} | {pct(r['pass_rate'], 2)} [{pct(r['ci_low'], 2)}, "
+                         f"{pct(r['ci_high'], 2)}] | {r['extra_failures_per_thousand']:.1f} |")
     return lines + [""]
 
 
@@ -330,7 +340,7 @@ def write_plots(result: StudyResult, prices: dict) -> dict:
     from asirra.plots import save_figure
 
     files = {}
-    people = {r["safeguard"]: r for r in result.people}
+    people = {r["safeguard"]: r for r in result.people if "shared_with" not in r}
     fig = Figure(figsize=(12, 4.8))
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     settings = sorted({r["setting"] for r in result.bill["pooled"]})

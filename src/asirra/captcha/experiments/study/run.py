@@ -379,8 +379,12 @@ def run_study(data, out, config: StudyConfig, split_file=None, prices_file=None,
         if "lookup" in config.attackers and eps:  # against clean photos the story is the same, and cheaper to tell
             lookup[setting] = lookup_live(study, setting, eps, records, per_seed[config.seeds[0]], policies[setting])
         study.lap("live")
-    people = billing.people_rows(list(dict.fromkeys(p for s in policies.values() for p in s.values())),
-                                 PEOPLE_CHALLENGES, config.seeds[0])
+    specs = list(dict.fromkeys(p for s in policies.values() for p in s.values()))
+    people = billing.people_rows(specs, PEOPLE_CHALLENGES, config.seeds[0])
+    # Behind one address with the strongest bot of the last (most hardened) setting: what a per-address policy costs.
+    strongest_accuracy = pooled(cells, setting, *strongest)["accuracy"]
+    people += [{**billing.shared_address_people(spec, strongest_accuracy, seed=config.seeds[0]), "shared_with": strongest[0],
+                "setting": setting} for spec in specs]
     if "lookup" in config.attackers:
         queries = min(300, len(study.photos) // 4)
         sizes = [n for n in (30, 100, 300, 1000, 3000) if n + queries <= len(study.photos)]
