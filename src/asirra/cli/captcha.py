@@ -207,6 +207,9 @@ def captcha_study(
     scored: Optional[int] = typer.Option(None, "--scored", help=f"Photos served and scored per seed (default {_STUDY.scored})."),
     hardened: Optional[int] = typer.Option(None, "--hardened", help="Photos hardened per setting; seeds draw their scored "
                                            f"set and attacker pool from them (default {_STUDY.hardened})."),
+    attacker_pool: Optional[int] = typer.Option(None, "--attacker-pool", help="Each seed's attacker pool is drawn from "
+                                                "the first N of those photos, less its scored ones (default "
+                                                f"{_STUDY.attacker_pool})."),
     epsilons: Optional[str] = typer.Option(None, "--epsilons", help=f"Comma-separated, in 255ths (default {_listed(_STUDY.epsilons)})."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help=f"Labels bought (default {_listed(_STUDY.budgets)})."),
     attackers: Optional[str] = typer.Option(None, "--attackers", help=f"Ladder rungs (default {_listed(_STUDY.attackers)})."),
@@ -231,6 +234,7 @@ def captcha_study(
 
     config = quick_config() if quick else StudyConfig()
     given = {"seeds": parse_ints(seeds) if seeds else None, "scored": scored, "hardened": hardened,
+             "attacker_pool": attacker_pool,
              "epsilons": parse_epsilons(epsilons) if epsilons else None,
              "budgets": parse_ints(budgets) if budgets else None,
              "attackers": parse_list(attackers) if attackers else None,

@@ -212,17 +212,11 @@ def stacked_section(result: StudyResult, prices: dict) -> list[str]:
         person = people.get(spec, {})
         ssim = next((c for c in result.cells if c["setting"] == row["setting"]), {})
         role = "" if row["role"] == "headline" else " (side)"
+        rate = np.mean(sustained) if sustained else 0.0
         lines.append(
             f"| {row['setting']} | {spec}{role} | {row['identity']} | {row['attacker']} ({row['move']}) | "
             f"{row['passed']}/{row['answered']} = {pct(row['p'])} [{pct(row['p_lo'])}, {pct(row['p_hi'])}] | "
-            f"{spread(row['per_seed'])} | {np.mean(sustained):,.0f} ({ceiling:,.0f}) | {counters} | "
-            f"{row['bytes_c'] / 1024:,.1f} KiB | {dollars(row['per_thousand_low'])}-{dollars(row['per_thousand_high'])} | "
-            f"{dollars(row['one_off_low'])}-{dollars(row['one_off_high'])} | {pct(person.get('pass_rate'), 2)}, "
-            f"{person.get('extra_failures_per_thousand', 0):.1f} | {ssim.get('ssim_median', 1):.3f} "
-            f"({ssim.get('ssim_p10', 1):.3f}) |" if sustained else
-            f"| {row['setting']} | {spec}{role} | {row['identity']} | {row['attacker']} ({row['move']}) | "
-            f"{row['passed']}/{row['answered']} = {pct(row['p'])} [{pct(row['p_lo'])}, {pct(row['p_hi'])}] | "
-            f"{spread(row['per_seed'])} | 0 ({ceiling:,.0f}) | {counters} | {row['bytes_c'] / 1024:,.1f} KiB | "
+            f"{spread(row['per_seed'])} | {rate:,.0f} ({ceiling:,.0f}) | {counters} | {row['bytes_c'] / 1024:,.1f} KiB | "
             f"{dollars(row['per_thousand_low'])}-{dollars(row['per_thousand_high'])} | "
             f"{dollars(row['one_off_low'])}-{dollars(row['one_off_high'])} | {pct(person.get('pass_rate'), 2)}, "
             f"{person.get('extra_failures_per_thousand', 0):.1f} | {ssim.get('ssim_median', 1):.3f} "

@@ -69,11 +69,21 @@ ADDRESSES = "10.17.0.0/16"  # one-address bots: the i-th cell of a run gets the 
 
 
 def seed_roles(hardened: list[PoolPhoto], seed: int, config: StudyConfig) -> tuple[list, list]:
-    """(scored, attacker pool in budget order) of one seed, both drawn from the hardened photos, disjoint."""
+    """(scored, attacker pool in budget order) of one seed: the scored photos drawn from all the service's photos,
+    the attacker pool from the first `attacker_pool` of them less the scored ones; disjoint, both stratified."""
     orders = _class_orders(hardened, np.random.default_rng([seed, 71]))
     scored = sorted((p for members in orders.values() for p in members[: config.scored // 2]), key=lambda p: p.name)
-    rest = {label: members[config.scored // 2:] for label, members in orders.items()}
-    return scored, _interleaved(rest, config.hardened - config.scored)
+    taken = {p.key for p in scored}
+    candidates = [p for p in hardened[: config.attacker_pool] if p.key not in taken]
+    rest = _class_orders(candidates, np.random.default_rng([seed, 72]))
+    return scored, _interleaved(rest, len(candidates))
+
+
+def photos_to_harden(hardened: list[PoolPhoto], config: StudyConfig) -> list[PoolPhoto]:
+    """Every seed's scored photos and the attacker pools' photos: the only ones a setting hardens."""
+    wanted = {p.key for seed in config.seeds for p in seed_roles(hardened, seed, config)[0]}
+    wanted |= {p.key for p in hardened[: config.attacker_pool]}
+    return [p for p in hardened if p.key in wanted]
 
 
 def photo_file(photo: PoolPhoto, records: dict | None) -> Path:
@@ -366,7 +376,8 @@ def run_study(data, out, config: StudyConfig, split_file=None, prices_file=None,
     cells, live, builds, policies, lookup = [], [], [], {}, {}
     for eps in config.epsilons:
         setting = setting_name(config.method, eps)
-        records = harden(study.cache, study.hardened, config, eps, study.surrogate, progress) if eps else None
+        records = harden(study.cache, photos_to_harden(study.hardened, config), config, eps, study.surrogate,
+                         progress) if eps else None
         study.lap("harden")
         per_seed = {}
         for seed in config.seeds:
@@ -401,10 +412,10 @@ def run_study(data, out, config: StudyConfig, split_file=None, prices_file=None,
 
 def split_record(study: Study) -> dict:
     config = study.config
-    record = {"rule": "surrogate set: stratified, drawn by the surrogate seed from the pool; hardened photos: a "
-                      "stratified order of the rest (surrogate seed), its first --hardened; per seed: scored set "
-                      "stratified from the hardened photos by the seed, the attacker pool the rest in a seeded "
-                      "stratified order (budgets are its prefixes)",
+    record = {"rule": "surrogate set: stratified, drawn by the surrogate seed from the pool; the service's photos: a "
+                      "stratified order of the rest (surrogate seed), its first --hardened; per seed: the scored set "
+                      "stratified from the service's photos by the seed, the attacker pool the first --attacker-pool "
+                      "of them less the scored set, in a seeded stratified order (budgets are its prefixes)",
               "surrogate": photos_input(surrogate_photos(study.photos, config)),
               "hardened": photos_input(study.hardened), "seeds": {}}
     for seed in config.seeds:
@@ -423,9 +434,7 @@ def setting_seed(study: Study, setting: str, eps: int, records, seed: int, cells
     if SHIPPED in config.attackers:
         rungs[SHIPPED] = (SHIPPED, None, None, None)
     adaptive = [a for a in config.attackers if a not in (SHIPPED, "lookup")] if eps else []
-    copies = {}
-    if adaptive or (eps == 0 and False):
-        copies_key, copies = renderings(study.cache, pool, records, setting)
+    copies = renderings(study.cache, pool, records, setting)[1] if adaptive else {}
     study.lap("renderings")
     practice_pool = pool[middle_budget(config):]
     order = sorted(adaptive, key=lambda a: len(NEEDS.get(a, ())))  # members before the rungs built on them
