@@ -14,7 +14,7 @@ from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, make_
 from PIL import Image
 from typer.testing import CliRunner
 
-import asirra.predict
+import asirra.api
 from asirra.captcha.attack.bot import DEFAULT_MAX_WAIT, AttackError, attack
 from asirra.captcha.attack.counter import parse_preprocess
 from asirra.captcha.safeguards import make_safeguard
@@ -235,7 +235,7 @@ def fake_loader(monkeypatch):
         asked.update(model=model, backend=backend)
         return ColourClassifier()
 
-    monkeypatch.setattr(asirra.predict, "load_classifier", load_classifier)
+    monkeypatch.setattr(asirra.api, "load_classifier", load_classifier)  # where `asirra attack` loads its model
     return asked
 
 

@@ -77,7 +77,7 @@ class TrainConfig:
 
     def __post_init__(self):
         # Fail in a second, before the data is decoded or the backbone runs, not after.
-        # (The model name is checked against the registry by asirra.train, which knows it.)
+        # (The model name is checked against the registry by asirra.training, which knows it.)
         self.strategy = _choice(Strategy, self.strategy, "strategy")
         self.schedule = _choice(Schedule, self.schedule, "schedule")
         checks = [

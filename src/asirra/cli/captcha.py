@@ -93,13 +93,8 @@ def captcha_defend(
         typer.echo(line)
 
 
-def _derive_pool(data: Path, limit: Optional[int], seed: int, write) -> None:
-    """Run `write(refs)` (harden or distort) over a random `limit` of the labelled images in DATA; report it."""
-    from asirra.data import scan
-    from asirra.stats import random_subset
-
-    refs = scan(data, labelled=True)
-    summary = write([refs[i] for i in random_subset(len(refs), limit, seed)])
+def _report_pool(summary) -> None:
+    """What `harden` and `distort` print about the pool they wrote."""
     report_skips(summary.unusable)
     typer.echo(f"{summary.written} images in {summary.out} ({summary.this_run} this run, {len(summary.unusable)} "
                f"unusable); manifest {summary.files['manifest']}, side by side {summary.files['compare']}")
@@ -126,14 +121,12 @@ def captcha_harden(
                                        help="universal*: crafting images drawn from --crafting."),
 ) -> None:
     """Write a pool of adversarially perturbed images (lossless, within epsilon), resumably."""
-    from asirra.captcha.defend.config import parse_epsilon
-    from asirra.captcha.defend.harden import harden_pool
+    from asirra import api
     from asirra.captcha.experiments.study import parse_list
 
-    config = HardenConfig(method=method, epsilon=parse_epsilon(epsilon), seed=seed, steps=steps, eot=eot,
-                          surrogates=parse_list(surrogates), crafting=str(crafting) if crafting else None,
-                          crafting_limit=crafting_limit)
-    _derive_pool(data, limit, seed, lambda refs: harden_pool(refs, out, config))
+    _report_pool(api.harden(data, out, limit=limit, method=method, epsilon=epsilon, seed=seed, steps=steps, eot=eot,
+                            surrogates=parse_list(surrogates), crafting=str(crafting) if crafting else None,
+                            crafting_limit=crafting_limit))
 
 
 def captcha_distort(
@@ -146,10 +139,11 @@ def captcha_distort(
     seed: int = typer.Option(0, "--seed", help="Seeds the sample and every random distortion."),
 ) -> None:
     """The classic CAPTCHA baseline: random noise, blur, warping, low contrast or clutter, resumably."""
+    from asirra.captcha.defend.derived_pool import labelled_sample
     from asirra.captcha.defend.distort import DistortConfig, distort_pool
 
     config = DistortConfig(kind=kind, strength=strength, seed=seed)
-    _derive_pool(data, limit, seed, lambda refs: distort_pool(refs, out, config))
+    _report_pool(distort_pool(labelled_sample(data, limit, seed), out, config))
 
 
 def captcha_build_attacker(
@@ -198,11 +192,9 @@ def captcha_study(
     seed: SeedOption = default("seed", of=StudyConfig),
 ) -> None:
     """The hardening study: methods x epsilon x attackers x counter-moves on served bytes, with live attacks."""
-    from dataclasses import replace
+    from asirra import api
+    from asirra.captcha.experiments.study import parse_epsilons, parse_list, parse_moves
 
-    from asirra.captcha.experiments.study import parse_epsilons, parse_list, parse_moves, run_study
-
-    config = quick_config(seed=seed) if quick else StudyConfig(seed=seed)
     given = {"scored": scored, "craft_limit": craft_limit, "headline": headline, "live_challenges": live_challenges,
              "attacker_pool": attacker_pool, "baselines": parse_list(baselines) if baselines else None,
              "methods": parse_list(methods) if methods else None,
@@ -210,6 +202,6 @@ def captcha_study(
              "attackers": parse_list(attackers) if attackers else None,
              "preprocess": parse_moves(preprocess) if preprocess else None,
              "surrogates": parse_list(surrogates) if surrogates else None}
-    result = run_study(data, out, replace(config, **{k: v for k, v in given.items() if v is not None}))
+    result = api.study(data, out, quick=quick, seed=seed, **{k: v for k, v in given.items() if v is not None})
     typer.echo(f"{len(result.cells)} cells, {len(result.live)} live attacks; goal "
                f"{'met' if result.goal['met'] else 'not met'}; wrote {result.files['report']}")

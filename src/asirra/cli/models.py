@@ -40,17 +40,15 @@ def evaluate_command(
     """Accuracy, log loss, AUC, confusion, and the share of 12-image challenges solved; plots in OUT.
 
     A model of other classes than cat/dog: top-1/top-k accuracy, macro-F1, per-class scores, N x N confusion."""
-    from asirra.evaluate import evaluate_data
-    from asirra.predict import load_classifier
+    from asirra import api
 
-    classifier = load_classifier(model, backend=backend, tta=tta)
-    evaluation = evaluate_data(classifier, path, out, split=split, limit=limit, seed=seed, n_challenges=challenges,
-                               explain=explain)
-    report_skips(evaluation.predictions.unusable)
+    result = api.evaluate(model, path, split=split, limit=limit, out=out, challenges=challenges, explain=explain,
+                          seed=seed, backend=backend, tta=tta)
+    report_skips(result.unusable)
     if as_json:
-        emit_json(evaluation.report.to_json())
+        emit_json(result.metrics)
         return
-    for line in evaluation.summary_lines():
+    for line in result.summary_lines():
         typer.echo(line)
 
 
@@ -97,12 +95,10 @@ def explain_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Grad-CAM heat maps: where in each picture the model found the evidence for the class it predicted."""
-    from asirra.explain import collect_refs, explain_refs, summary_lines
-    from asirra.predict import load_classifier
+    from asirra import api
+    from asirra.gradcam import summary_lines
 
-    classifier = load_classifier(model, backend="torch")  # Grad-CAM needs the PyTorch module's gradients
-    refs = collect_refs(images, limit=limit, seed=seed, classes=classifier.classes)
-    report = explain_refs(classifier.model, classifier.config, refs, out, target_class=class_name)
+    report = api.explain(images, model=model, target=class_name, limit=limit, seed=seed, out=out)
     report_skips(report.skipped)
     if as_json:
         emit_json(json.loads(report.files["json"].read_text()))

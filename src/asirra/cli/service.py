@@ -68,17 +68,10 @@ def attack_command(
 
     Refused challenges (rate limits, errors) are reported apart: the solve rate is passes / answered.
     """
-    from asirra.captcha.attack.bot import AttackError, aim, attack, check_settings
-    from asirra.captcha.attack.counter import parse_preprocess
-    from asirra.predict import load_classifier
+    from asirra import api
 
-    check_settings(url, challenges, concurrency, max_wait)  # before a model is loaded for nothing
-    pipeline = parse_preprocess(preprocess)
-    classifier = aim(load_classifier(model, backend=backend), target)  # refuses a class the model lacks
-    report = attack(url, challenges, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
-                    preprocess=pipeline, progress=True)
-    if report.unreachable:
-        raise AttackError(f"cannot connect to {url}; is the service running?")
+    report = api.attack(url, challenges, model=model, backend=backend, target=target, concurrency=concurrency,
+                        timeout=timeout, max_wait=max_wait, preprocess=preprocess, progress=True)
     if as_json:
         emit_json(report.to_dict())
         return

@@ -134,6 +134,18 @@ def usable_pool(refs: Sequence, progress: bool = True) -> list:
     return [ref for ref in refs if ref.source not in broken]
 
 
+def read_pool(data: str | os.PathLike, limit: int | None = None, seed: int = 0, progress: bool = True) -> list:
+    """The labelled images under `data` a service serves: a stratified random `limit` of them (all when
+    None), the undecodable ones left out, in the order every worker agrees on."""
+    from asirra.captcha.service.store import ordered_pool
+    from asirra.data import scan
+    from asirra.stats import stratified_subset
+
+    refs = scan(data, labelled=True)
+    refs = [refs[i] for i in stratified_subset([ref.label for ref in refs], limit, seed)]
+    return ordered_pool(usable_pool(refs, progress=progress))
+
+
 class ImageServer:
     """Pool image -> served JPEG. A pool image that has become unreadable since startup is
     replaced by another of the same label, which keeps the challenge's answer true."""

@@ -44,9 +44,8 @@ def serve_pool(data, *, safeguard: str = "none", settings: ServiceSettings | Non
 
     Every setting is checked (and the Redis pool claimed) before the first request can arrive.
     """
-    from asirra.captcha.service.app import usable_pool
-    from asirra.captcha.service.store import StoreError, claim_pool, ordered_pool, pool_fingerprint
-    from asirra.data import scan
+    from asirra.captcha.service.app import read_pool
+    from asirra.captcha.service.store import StoreError, claim_pool, pool_fingerprint
 
     settings = settings or ServiceSettings()
     check_deployment(workers, settings.redis_url, secret_file)
@@ -54,7 +53,7 @@ def serve_pool(data, *, safeguard: str = "none", settings: ServiceSettings | Non
     if secret_file:
         settings = dataclasses.replace(settings, secret=read_secret_file(secret_file))
     sites = load_sites(sites_file) if sites_file else None
-    pool = ordered_pool(usable_pool(scan(data, labelled=True)))
+    pool = read_pool(data)
     if settings.redis_url:
         try:
             claim_pool(settings.redis_url, pool_fingerprint(pool))  # a clear error now, not one per request

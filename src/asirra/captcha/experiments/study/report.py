@@ -182,10 +182,7 @@ def _timing_history(out: Path) -> list[dict]:
 
 
 def write_plots(result: StudyResult, out: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # needs no backend: nothing is shown, only saved
 
     from asirra.plots import save_figure
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def _surrogate_folders(out: Path, craft_dir: Path, config: StudyConfig) -> list[str]:
     from asirra.config import Schedule, Strategy, TrainConfig
     from asirra.models import available_models, resolve_model_folder
-    from asirra.train import train
+    from asirra.training import train
 
     folders = []
     for spec in config.surrogates:

@@ -236,7 +236,7 @@ def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: in
     """
     from asirra.data import ImageRef, class_names, scan
     from asirra.errors import DataError
-    from asirra.predict import align_labels
+    from asirra.data import align_labels
 
     refs = []
     for path in map(Path, paths):
