@@ -49,26 +49,46 @@ class Refused(Exception):
 
 @dataclass
 class AttackReport:
+    """What `asirra.attack` measured: challenges attempted, answered and passed, refusals by kind, waits and latencies.
+    
+    `solve_rate` (passed / answered, with its Wilson 95% interval `solve_rate_ci`) measures the
+    classifier; `passes_per_hour` measures what the service's limits leave of it."""
+
     url: str
+    """The service attacked."""
     model: str
-    backend: str | None = None  # the classifier's inference engine, when it has one
+    """The classifier's name."""
+    backend: str | None = None
+    """The classifier's inference engine, when it has one."""
     preprocess: str = "none"
+    """The counter-moves applied to each served image ("none" for none)"""
     max_wait: float = DEFAULT_MAX_WAIT
+    """Seconds the run could spend waiting out Retry-After."""
     attempted: int = 0
-    results: Counter = field(default_factory=Counter)  # verdict -> challenges answered
-    refused: Counter = field(default_factory=Counter)  # "429", "410", "ConnectError"... -> challenges without a verdict
-    retries: int = 0  # requests sent again after waiting out a Retry-After
-    waited: float = 0.0  # seconds paused on Retry-After, summed over workers
-    wait_budget_exhausted: bool = False  # a Retry-After was not waited out because max_wait was spent
-    latencies_ms: list[float] = field(default_factory=list)  # answered challenges, fetch -> verdict, waits excluded
+    """Challenges started."""
+    results: Counter = field(default_factory=Counter)
+    """Verdict -> challenges answered."""
+    refused: Counter = field(default_factory=Counter)
+    """"429", "410", "ConnectError"... -> challenges without a verdict."""
+    retries: int = 0
+    """Requests sent again after waiting out a Retry-After."""
+    waited: float = 0.0
+    """Seconds paused on Retry-After, summed over workers."""
+    wait_budget_exhausted: bool = False
+    """A Retry-After was not waited out because max_wait was spent."""
+    latencies_ms: list[float] = field(default_factory=list)
+    """Answered challenges, fetch -> verdict, waits excluded."""
     wall_seconds: float = 0.0
+    """The run's duration, waits included."""
 
     @property
     def answered(self) -> int:
+        """Challenges that got a verdict (pass, almost or fail)."""
         return sum(self.results.values())
 
     @property
     def passed(self) -> int:
+        """Challenges passed."""
         return self.results["pass"]
 
     @property
@@ -92,9 +112,22 @@ class AttackReport:
         return self.passed * 3600 / self.wall_seconds if self.wall_seconds > 0 else None
 
     def percentile_ms(self, q: float) -> float | None:
+        """A percentile of the answered challenges' latency (fetch to verdict, waits excluded).
+
+        Args:
+            q: The percentile, 0-100 (50: the median).
+
+        Returns:
+            Milliseconds, or None when nothing was answered.
+        """
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready values: what `asirra attack --json` prints.
+
+        Returns:
+            Every count, rate, interval and latency percentile, by name.
+        """
         ci = self.solve_rate_ci
         return {
             "url": self.url,
@@ -121,7 +154,11 @@ class AttackReport:
         }
 
     def summary_lines(self) -> list[str]:
-        """The report as text, for the CLI."""
+        """The report as text: what `asirra attack` prints.
+
+        Returns:
+            A few lines of counts, the solve rate with its interval, waits and passes per hour.
+        """
         results = ", ".join(f"{verdict} {self.results[verdict]}" for verdict in VERDICTS)
         refused = ", ".join(f"{kind} x{count}" for kind, count in self.refused.items()) or "none"
         rate = "n/a (none answered)"

@@ -72,7 +72,14 @@ def serve_pool(data, *, safeguard: str = "none", settings: ServiceSettings | Non
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+    """Serve an app (`asirra.create_app`'s) in this process until interrupted (Ctrl-C).
+
+    Args:
+        app: The service.
+        host: The address to listen on; "0.0.0.0" opens it to the network.
+        port: The port.
+        access_log: Log one line per request.
+    """
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_keep_alive=KEEP_ALIVE,
@@ -81,7 +88,23 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, access_log: b
 
 @contextmanager
 def running(app: FastAPI, host: str = "127.0.0.1", timeout: float = 10.0) -> Iterator[str]:
-    """Serve `app` on a free port of `host` from a background thread; yields its base URL."""
+    """Serve an app on a free port from a background thread, for as long as the `with` block lasts.
+
+    How notebooks and tests run a service: the block gets the base URL, and the server stops when
+    the block ends.
+
+    Args:
+        app: The service (`asirra.create_app`'s).
+        host: The address to listen on.
+        timeout: Seconds to wait for the server to start (and to stop).
+
+    Yields:
+        The service's base URL, e.g. "http://127.0.0.1:41235".
+
+    Example:
+        >>> with running(app) as url:
+        ...     report = asirra.attack(url, 30)
+    """
     import uvicorn
 
     # IPPROTO_TCP explicitly: asyncio turns Nagle off only on sockets that say they are TCP, and

@@ -24,28 +24,51 @@ class ServiceError(ConfigError):
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    ttl_seconds: float = 120.0  # a person needs ~30 s for 12 photos; a bot needs far less
-    max_challenges: int = 10_000  # outstanding, across all clients: bounds memory
-    max_per_client: int = 8  # outstanding per IP; a newer challenge evicts the oldest
-    challenge_rate: float = 1.0  # new challenges per second per IP, sustained...
-    challenge_burst: int = 10  # ...after this many at once
-    request_rate: float = 40.0  # any /api request per second per IP (12 images per challenge)
+    """The live service's limits, lifetimes and rendering: what `asirra.create_app` and `asirra serve` run with.
+    
+    Frozen and checked when made; every default of `asirra serve` is read from here."""
+
+    ttl_seconds: float = 120.0
+    """A person needs ~30 s for 12 photos; a bot needs far less."""
+    max_challenges: int = 10_000
+    """Outstanding, across all clients: bounds memory."""
+    max_per_client: int = 8
+    """Outstanding per IP; a newer challenge evicts the oldest."""
+    challenge_rate: float = 1.0
+    """New challenges per second per IP, sustained..."""
+    challenge_burst: int = 10
+    """...after this many at once."""
+    request_rate: float = 40.0
+    """Any /api request per second per IP (12 images per challenge)"""
     request_burst: int = 120
-    max_body_bytes: int = 1024  # an answer is at most ~60 bytes of JSON
-    max_clients: int = 100_000  # per-client tables forget the least recently seen beyond this
-    image_side: tuple[int, int] = _RENDER.image_side  # longest side of a served image, drawn per request
+    """...after this many at once."""
+    max_body_bytes: int = 1024
+    """An answer is at most ~60 bytes of JSON."""
+    max_clients: int = 100_000
+    """Per-client tables forget the least recently seen beyond this."""
+    image_side: tuple[int, int] = _RENDER.image_side
+    """Longest side of a served image, drawn per request."""
     image_quality: tuple[int, int] = _RENDER.image_quality
-    max_crop: float = _RENDER.max_crop  # fraction trimmed from each edge, drawn per request
-    seed: int | None = None  # which challenges are drawn; never the tokens or the image jitter
-    secret: bytes | None = None  # master key for cookies and pass tokens; random per process when None
-    redis_url: str | None = None  # the shared store; None keeps state in this process
-    pass_ttl_seconds: float = 120.0  # a pass token must be verified by the site this soon
-    verify_rate: float = 100.0  # /api/verify calls per second per address (a site's server)...
+    """JPEG quality of a served image, drawn per request."""
+    max_crop: float = _RENDER.max_crop
+    """Fraction trimmed from each edge, drawn per request."""
+    seed: int | None = None
+    """Which challenges are drawn; never the tokens or the image jitter."""
+    secret: bytes | None = None
+    """Master key for cookies and pass tokens; random per process when None."""
+    redis_url: str | None = None
+    """The shared store; None keeps state in this process."""
+    pass_ttl_seconds: float = 120.0
+    """A pass token must be verified by the site this soon."""
+    verify_rate: float = 100.0
+    """/api/verify calls per second per address (a site's server)..."""
     verify_burst: int = 200
-    max_verify_bytes: int = 2048  # secret + token + remote IP, form or JSON
-    # Proxies (addresses or networks) whose X-Forwarded-For names the client. None by default: then no
-    # client can claim another address, and behind a proxy every visitor is the proxy's address.
+    """...after this many at once."""
+    max_verify_bytes: int = 2048
+    """Secret + token + remote IP, form or JSON."""
     trusted_proxies: tuple[str, ...] = ()
+    """Proxies (addresses or networks) whose X-Forwarded-For names the client. None by default: then no
+    client can claim another address, and behind a proxy every visitor is the proxy's address."""
 
     def __post_init__(self) -> None:
         positive = ("ttl_seconds", "max_challenges", "max_per_client", "challenge_rate",

@@ -37,26 +37,46 @@ class StudyError(ConfigError):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    scored: int = 300  # hidden images scored in every cell (half per class)
-    craft_limit: int | None = 600  # crafting images the surrogates train on (None: all of them)
+    """The hardening study's matrix: what `asirra.captcha.study` and `asirra captcha study` run.
+    
+    Checked when made; `quick=True` is a few-minute version of it."""
+
+    scored: int = 300
+    """Hidden images scored in every cell (half per class)"""
+    craft_limit: int | None = 600
+    """Crafting images the surrogates train on (None: all of them)"""
     methods: tuple[str, ...] = ("pgd",)
-    epsilons: tuple[int, ...] = (0, 2, 4, 8, 16)  # in 0..255 units
+    """Hardening methods (asirra.harden's)"""
+    epsilons: tuple[int, ...] = (0, 2, 4, 8, 16)
+    """In 0..255 units."""
     attackers: tuple[str, ...] = (SHIPPED,)
+    """"shipped", model folders, or attacker-ladder names (lite2-probe, bought-labels, adv-trained, passed-challenges, seed-cnn-alt)"""
     preprocess: tuple[str, ...] = ("none", "jpeg:75", "median:3")
+    """The attackers' counter-moves; + chains steps, e.g. jpeg:75+median:3."""
     surrogates: tuple[str, ...] = ("effnet-lite0",)
-    steps: int | None = None  # harden's default per method
+    """The defender's models, trained on the crafting images."""
+    steps: int | None = None
+    """Harden's default per method."""
     eot: int = 2
+    """Random service transformations averaged per gradient."""
     surrogate_epochs: int = 30
-    headline: str = "strongest"  # "strongest", "all", or "none": which cells get a live attack
+    """Epochs the surrogates train."""
+    headline: str = "strongest"
+    """"strongest", "all", or "none": which cells get a live attack."""
     live_challenges: int = 60
+    """Challenges per live attack."""
     # Crafting images (outside the surrogates' training subset) an adaptive attacker may learn from,
     # hardened like the served pool at each setting; the hidden set stays hidden from it too.
     attacker_pool: int = 300
+    """Crafting images (outside the surrogates' training share) an adaptive attacker may learn from, hardened like the served pool at each setting."""
     # The classic baseline: random distortions (asirra.captcha.defend.distort kinds, "kind" or "kind:strength"),
     # served and attacked like the hardened pools; not bounded in L-infinity, so they have no epsilon.
     baselines: tuple[str, ...] = ()
+    """The classic baseline: random distortions ("kind" or "kind:strength"), served and attacked like the hardened pools."""
     machine_cost: float = MACHINE_COST_PER_HOUR
+    """Dollars per 2-vCPU hour, for the bot's cost per thousand passes."""
     seed: int = 0
+    """Seeds the split, the surrogates, the hardening and the attacks."""
 
     def __post_init__(self):
         from asirra.captcha.attack.counter import parse_preprocess

@@ -25,13 +25,22 @@ from asirra.stats import wilson_interval
 
 @dataclass
 class StudyResult:
+    """What `asirra.captcha.study` found: every scored cell, the live attacks and the goal check."""
+
     out: Path
+    """The study's folder."""
     cells: list[dict]
+    """One record per setting x attacker x counter-move: per-image accuracy and p^12 with 95% intervals, SSIM, PSNR."""
     live: list[dict]
+    """One record per live attack: pass rate among answered with its interval, passes per hour, the bot's cost per thousand passes."""
     goal: dict
-    unbuilt: list = field(default_factory=list)  # adaptive attackers that could not be built, and why
-    attacker_pool: int = 0  # images each adaptive attacker could learn from
+    """The goal check: is there a setting where the strongest attacker passes <= 10% of live challenges at a median SSIM >= 0.90 ("met"), and which came closest."""
+    unbuilt: list = field(default_factory=list)
+    """Adaptive attackers that could not be built, and why."""
+    attacker_pool: int = 0
+    """Images each adaptive attacker could learn from."""
     files: dict = field(default_factory=dict)
+    """The files written, by name: "report" (report.md), "csv", "json", the plots."""
 
 
 def goal_check(cells: list[dict], live: list[dict]) -> dict:
