@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/datasets/dogs-vs-cats
 
-.PHONY: install demo test test-fast model bench chromium redis-server clean
+.PHONY: install demo test test-fast docs docs-serve docs-figures notebooks model bench chromium redis-server clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[serve,tune,test]'
+	$(BIN)/pip install --quiet -e '.[serve,tune,test,docs,notebooks]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +25,21 @@ test: $(STAMP) chromium redis-server
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+# The documentation site, strict (a broken link or a missing page fails it), into build/site; docs-serve previews it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8001
+
+# The drawn pictures of the site and the README (no dataset photos): the study's plot, the challenge page.
+docs-figures: $(STAMP) chromium
+	$(BIN)/python docs/figures.py
+
+# The example notebooks as .ipynb (without outputs) beside their committed .py.
+notebooks: $(STAMP)
+	$(BIN)/jupytext --to ipynb examples/*.py
 
 # Retrain the default model shipped in src/asirra/weights/ (recorded command; see its model card).
 model: $(STAMP)

@@ -278,3 +278,16 @@ def test_cli_serve_refuses_a_missing_data_folder_or_unknown_safeguard(tmp_path):
     make_pool(tmp_path / "pool")
     unknown = CliRunner().invoke(cli, [*command, "--data", str(tmp_path / "pool"), "--safeguard", "moat"])
     assert unknown.exit_code == 2 and "error: unknown safeguard 'moat'" in unknown.output
+
+
+def test_the_bot_runs_where_an_event_loop_is_already_running(pool):
+    """A Jupyter kernel runs an event loop in its main thread: asyncio.run() alone would refuse."""
+    import asyncio
+
+    app = create_app(pool, make_safeguard("none"), GENEROUS)
+
+    async def inside_a_loop():
+        return attack("http://test", 3, ColourClassifier(), transport=httpx.ASGITransport(app=app))
+
+    report = asyncio.run(inside_a_loop())
+    assert (report.attempted, report.answered) == (3, 3)

@@ -6,10 +6,10 @@ The test reads each challenge's answer from the app in-process, as a person woul
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_browser
 from captcha_service_support import GENEROUS, make_pool
 
 from asirra.captcha.safeguards import make_safeguard
@@ -19,11 +19,7 @@ from asirra.data import scan
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
 IMAGES_SHOWN = (
     "() => { const imgs = [...document.querySelectorAll('#grid img')];"
@@ -31,23 +27,9 @@ IMAGES_SHOWN = (
 )
 
 
-def _require_browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright, reason = None, "playwright is not installed (pip install -e '.[test]')"
-    else:
-        reason = None if CHROMIUM.exists() else f"no Chromium at {CHROMIUM} (run `make chromium` as root)"
-    if reason:
-        if os.environ.get("ASIRRA_REQUIRE_BROWSER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return sync_playwright
-
-
 @pytest.fixture
 def page():
-    sync_playwright = _require_browser()
+    sync_playwright = require_browser()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:

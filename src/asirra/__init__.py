@@ -4,7 +4,7 @@ The public API is `asirra.__all__` and `asirra.captcha.__all__`; every other mod
 change in any release without notice. `import asirra` is light: PyTorch, ONNX Runtime and FastAPI
 load on first use of a name that needs them.
 
-Example:
+Examples:
     >>> import asirra
     >>> model = asirra.load_model()  # the shipped EfficientNet-Lite2
     >>> model.predict_proba(["cat.jpg", "dog.jpg"])  # (2, 2): columns model.classes

@@ -65,7 +65,7 @@ def load_model(model: PathLike | None = None, *, backend: str = DEFAULT_BACKEND,
     Raises:
         ModelError: No model at that path, or a file that is not one.
 
-    Example:
+    Examples:
         >>> model = asirra.load_model()
         >>> model.classes
         ('cat', 'dog')
@@ -103,7 +103,7 @@ def solve(images: Sequence[ImageSource], model: PathLike | None = None, backend:
     Raises:
         UnusableImage: An image cannot be decoded; the message names which and why.
 
-    Example:
+    Examples:
         >>> asirra.solve(["a.jpg", open("b.jpg", "rb").read()])
         [True, False]
     """
@@ -133,7 +133,7 @@ def check_data(data: PathLike | None = None, /, *, workers: int = 2) -> dict[str
     Raises:
         DataNotFound: No data at `data`, or nowhere it was looked for.
 
-    Example:
+    Examples:
         >>> report = asirra.check_data("data/dogs-vs-cats")
         >>> report["per_class"]
         {'cat': 9500, 'dog': 9500, 'unlabelled': 500}
@@ -176,7 +176,7 @@ class TrainResult:
     `checkpoint.pt` (for `resume=True`), `model/` (the best epoch, calibrated), `metrics.json` and
     `val_predictions.csv`.
 
-    Example:
+    Examples:
         >>> run = asirra.train("data/dogs-vs-cats/train", model="seed-cnn", epochs=8, limit=3000)
         >>> run.metrics["val"]["accuracy"]
         0.758
@@ -303,7 +303,7 @@ def train(data: PathLike | None = None, /, *, config: TrainConfig | PathLike | N
         ConfigError: An unknown option or a setting that cannot work; the message says which.
         RunFolderError: `out` already holds a run (pass `resume=True` or another `out`).
 
-    Example:
+    Examples:
         >>> run = asirra.train("data/dogs-vs-cats/train", model="seed-cnn", epochs=8, limit=3000, out="runs/seed")
         >>> probe = asirra.train(model="effnet-lite2", strategy="linear", views=1, out="runs/probe")
         >>> again = asirra.train(config=run.files["config"], epochs=30, out="runs/seed-30")
@@ -349,7 +349,7 @@ def cross_validate(data: PathLike | None = None, /, *, config: TrainConfig | Pat
         "accuracy", "log_loss", "auc" over folds), "summary_corrected" (the interval corrected for
         overlapping training sets), "oof" (the pooled out-of-fold figures), "suspects", "config".
 
-    Example:
+    Examples:
         >>> cv = asirra.cross_validate(model="effnet-lite0", strategy="linear", views=1, folds=3, limit=600)
         >>> cv["summary"]["accuracy"]
     """
@@ -415,7 +415,7 @@ def tune(data: PathLike | None = None, /, *, model: str = "seed-cnn", trials: in
 class EvaluationResult:
     """What `evaluate` measured and drew.
 
-    Example:
+    Examples:
         >>> result = asirra.evaluate(data="data/dogs-vs-cats", limit=400)
         >>> result.metrics["accuracy"], result.metrics["challenge_solve_rate"]
         >>> result.files["mistakes"]  # the most confident mistakes, under their Grad-CAM maps
@@ -477,7 +477,7 @@ def evaluate(model: Classifier | TrainResult | PathLike | None = None, data: Pat
     Returns:
         An `EvaluationResult`: the metrics, the figure paths, and the probabilities behind them.
 
-    Example:
+    Examples:
         >>> shipped = asirra.load_model()
         >>> result = asirra.evaluate(shipped, "data/dogs-vs-cats", split=shipped.folder, limit=1000)
         >>> print("\\n".join(result.summary_lines()))
@@ -516,7 +516,7 @@ def explain(images: PathLike | Sequence[PathLike], /, *, model: Classifier | Pat
         An `ExplainReport`: `images` (one record each), `skipped` (unreadable files), `files`, and
         the seconds Grad-CAM took per image.
 
-    Example:
+    Examples:
         >>> report = asirra.explain("data/dogs-vs-cats/test1", limit=8)
         >>> report.files["grid"]
     """
@@ -560,7 +560,7 @@ def create_app(pool: PathLike, /, *, safeguard: str = DEFAULT_SAFEGUARD, setting
         ServiceError: Fewer than 12 usable photos, or settings that cannot work.
         MissingExtra: FastAPI is not installed (`pip install 'asirra[serve]'`).
 
-    Example:
+    Examples:
         >>> from asirra.captcha import ServiceSettings, running
         >>> app = asirra.create_app("data/dogs-vs-cats/train", limit=200,
         ...                         settings=ServiceSettings(challenge_rate=100))
@@ -656,7 +656,7 @@ def harden(data: PathLike, out: PathLike, /, *, config: HardenConfig | None = No
     Raises:
         HardenError: Settings that cannot work; the message says which.
 
-    Example:
+    Examples:
         >>> probe = asirra.train(model="effnet-lite0", strategy="linear", views=1, limit=600, out="runs/probe")
         >>> pool = asirra.harden("data/dogs-vs-cats/train", "runs/hardened", method="pgd", epsilon="4/255",
         ...                      surrogates=[probe], limit=48)

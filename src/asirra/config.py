@@ -51,7 +51,7 @@ class TrainConfig:
     is decoded. The defaults are the notebook's seed-cnn recipe; every command-line default is read
     from here.
 
-    Example:
+    Examples:
         >>> config = asirra.TrainConfig(data="data/dogs-vs-cats/train", out="runs/probe", model="effnet-lite2",
         ...                             strategy="linear", views=1, epochs=30, schedule="cosine")
         >>> run = asirra.train(config=config)
@@ -219,5 +219,5 @@ def _choice(enum: type[Enum], value, what: str):
 BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
 # What every command and asirra.solve run unless told otherwise. "auto" is resolved per model by
 # asirra.predict.resolve_backend: the int8 export when the model folder has one made from its
-# weights (twice as fast; same validation accuracy, README), else fp32 ONNX.
+# weights (twice as fast; same validation accuracy: docs/results/classifiers.md), else fp32 ONNX.
 DEFAULT_BACKEND = "auto"

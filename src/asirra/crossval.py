@@ -39,7 +39,7 @@ from asirra.stats import t_interval
 HASH_SIDE = 32
 # Two images are near-identical when their 64-bit dHashes differ in at most HAMMING_THRESHOLD bits
 # (candidates) AND their thumbnails correlate at MIN_CORRELATION or more (confirmation). Measured
-# on the 19,000 training images (README, "What the next steps bought"): distinct photos differ by
+# on the 19,000 training images (docs/results/next-steps.md): distinct photos differ by
 # 31.8 bits on average (sd 5.2), but with 180 million pairs the tail is long: 65 pairs are within
 # 5 bits and only 20 of them are the same photo; those 20 correlate >= 0.99, the next pair 0.85
 # (two different animals in similar frames), and no pair 6-10 bits apart reaches 0.9. Over 200 of

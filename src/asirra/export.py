@@ -57,7 +57,7 @@ def quantize_beside_weights(module: nn.Module, folder: Path, calibration: np.nda
 
     Static quantization (QDQ) of the fp32 export. The Lite networks were designed for it (ReLU6,
     no squeeze-excite): on AVX-512 VNNI cores it runs ~2x faster at the same validation accuracy
-    (README). CPUs without VNNI need onnx_session's exact kernels to compute what this file says.
+    (docs/results/performance.md). CPUs without VNNI need onnx_session's exact kernels to compute what this file says.
     `calibration` is uint8 pixels (N, S, S, 3) of typical images; a few hundred suffice.
     """
     import tempfile

@@ -72,7 +72,7 @@ class Classifier:
         image_size: The side, in pixels, images are resized to.
         target: The class `solve` selects ("cat" unless `select` changed it).
 
-    Example:
+    Examples:
         >>> model = asirra.load_model()
         >>> model.predict_proba(["cat.jpg", "dog.jpg"]).round(2)
         array([[0.99, 0.01],
@@ -183,7 +183,7 @@ class Classifier:
             UnusableImage: An image cannot be decoded; the message names which and why.
             TypeError: A single image was given instead of a list.
 
-        Example:
+        Examples:
             >>> model.predict_proba(["a.jpg", "b.jpg"]).shape
             (2, 2)
         """

@@ -506,7 +506,7 @@ def write_plots(study, out: Path, n_complete: int) -> dict:
     """Optuna's matplotlib plots; what cannot be drawn yet is named with the reason instead."""
     import warnings
 
-    # No matplotlib.use(): it would switch a notebook's inline backend off for the rest of its session.
+    # No backend is chosen here: that would switch a notebook's inline plots off for the rest of its session.
     # Optuna draws with pyplot; each figure is closed once saved, so none is shown or kept.
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis

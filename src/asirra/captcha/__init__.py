@@ -18,7 +18,7 @@ internal, in layers; each may import the ones above it in this list, never one b
 Neither `defend` nor `attack` imports `service`; tests/test_structure.py holds these rules. This
 file imports nothing at load time, so `import asirra.captcha.attack.bot` stays light.
 
-Example:
+Examples:
     >>> import asirra
     >>> from asirra.captcha import ServiceSettings, running
     >>> app = asirra.create_app("data/dogs-vs-cats/train", limit=200, settings=ServiceSettings(challenge_rate=100))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -353,9 +354,20 @@ def attack(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float
     `clock` and `sleep` let them pass time without waiting.
     """
     check_settings(url, n, concurrency, max_wait)
-    return asyncio.run(attack_async(url, n, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
-                                    preprocess=preprocess, progress=progress, transport=transport, clock=clock,
-                                    sleep=sleep))
+    return run_to_end(attack_async(url, n, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
+                                   preprocess=preprocess, progress=progress, transport=transport, clock=clock,
+                                   sleep=sleep))
+
+
+def run_to_end(coroutine):
+    """asyncio.run(coroutine), also where this thread already runs an event loop (a Jupyter kernel does):
+    then the coroutine gets its own loop in a worker thread, and this call still blocks until it ends."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as worker:
+        return worker.submit(asyncio.run, coroutine).result()
 
 
 class RandomGuesser:

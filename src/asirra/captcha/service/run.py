@@ -101,7 +101,7 @@ def running(app: FastAPI, host: str = "127.0.0.1", timeout: float = 10.0) -> Ite
     Yields:
         The service's base URL, e.g. "http://127.0.0.1:41235".
 
-    Example:
+    Examples:
         >>> with running(app) as url:
         ...     report = asirra.attack(url, 30)
     """
