@@ -1,6 +1,6 @@
 """The site's and the README's pictures that are drawn, not photographed: `make docs-figures`.
 
-- assets/study-live.png: the hardening study's live pass rates by epsilon, from results/data/study-live.csv
+- assets/study-live.png: the hardening study's live pass rates by epsilon, from assets/study-live.csv
   (transcribed from the study's reports; the table on results/hardening-study.md holds the same numbers).
 - assets/challenge-page.png: the service's page in Chromium, over generated striped images (dataset
   photos are never committed).
@@ -25,7 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def study_plot() -> Path:
-    rows = [r for r in csv.DictReader(line for line in open(DOCS / "results/data/study-live.csv") if not line.startswith("#"))]
+    rows = [r for r in csv.DictReader(line for line in open(DOCS / "assets/study-live.csv") if not line.startswith("#"))]
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     labels = {"default": "a bot that does not adapt (the shipped model, best counter-move)",
