@@ -43,18 +43,18 @@ if Path.cwd().name == "examples":  # opened from examples/: work from the projec
 
 QUICK = os.environ.get("ASIRRA_QUICK") == "1"
 SIZE = dict(
-    seed_images=300 if QUICK else 2000,  # the from-scratch CNN's stratified subset
+    seed_images=200 if QUICK else 2000,  # the from-scratch CNN's stratified subset
     seed_epochs=1 if QUICK else 6,
-    probe_images=300 if QUICK else 2000,  # transfer learning
+    probe_images=200 if QUICK else 2000,  # transfer learning
     probe_epochs=10 if QUICK else 30,
-    cv_images=300 if QUICK else 1000,
+    cv_images=200 if QUICK else 1000,
     tune_trials=2 if QUICK else 4,
-    tune_images=200 if QUICK else 1000,
-    tune_heldout=100 if QUICK else 500,
-    evaluated=300 if QUICK else 1000,  # the shipped model's validation images scored
-    challenges=12 if QUICK else 60,  # live challenges per attack
-    pool=120 if QUICK else 300,  # photos the local CAPTCHA service serves
-    hardened=24 if QUICK else 60,
+    tune_images=100 if QUICK else 1000,
+    tune_heldout=40 if QUICK else 500,
+    evaluated=200 if QUICK else 1000,  # the shipped model's validation images scored
+    challenges=8 if QUICK else 60,  # live challenges per attack
+    pool=60 if QUICK else 300,  # photos the local CAPTCHA service serves
+    hardened=16 if QUICK else 60,
 )
 OUT = Path("runs/notebook")
 print(f"asirra {asirra.__version__}; {'quick' if QUICK else 'full'} sizes: {SIZE}")

@@ -36,8 +36,8 @@ if Path.cwd().name == "examples":  # opened from examples/: work from the projec
     os.chdir("..")
 
 QUICK = os.environ.get("ASIRRA_QUICK") == "1"
-POOL = 120 if QUICK else 300  # photos served
-CHALLENGES = 12 if QUICK else 40  # per live attack
+POOL = 60 if QUICK else 300  # photos served
+CHALLENGES = 8 if QUICK else 40  # per live attack
 OUT = Path("runs/captcha-lab")
 TRAIN = Path(asirra.check_data()["path"]) / "train"  # the data lookup: $ASIRRA_DATA, ./data/..., ../shared/...
 print(f"{'quick' if QUICK else 'full'}: {POOL} photos from {TRAIN}, {CHALLENGES} challenges per attack")
@@ -99,7 +99,7 @@ for safeguard, report in results.items():
 
 # %%
 if QUICK:
-    surrogate = asirra.train(TRAIN, model="seed-cnn", epochs=1, limit=200, out=OUT / "surrogate")
+    surrogate = asirra.train(TRAIN, model="seed-cnn", epochs=1, limit=100, out=OUT / "surrogate")
 else:
     surrogate = asirra.train(TRAIN, model="effnet-lite0", strategy="linear", views=1, epochs=20, limit=1000,
                              out=OUT / "surrogate")

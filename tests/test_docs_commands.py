@@ -27,7 +27,7 @@ from conftest import PROJECT_ROOT, require_shared_data
 DOCS = PROJECT_ROOT / "docs"
 BLOCK = re.compile(r"^```bash \{([^}]*\.runnable[^}]*)\}\n(.*?)^```", re.S | re.M)
 ATTRIBUTE = re.compile(r'(\w+)="([^"]*)"')
-SAMPLE = {"train_per_class": 150, "test": 40}  # the small data every runnable command runs on
+SAMPLE = {"train_per_class": 100, "test": 20}  # the small data every runnable command runs on
 
 
 def runnable_blocks(page: Path) -> list[dict]:
@@ -119,7 +119,8 @@ def test_runnable_commands_run(page, small_data, tmp_path, docs_cache):
             assert ran.returncode == 0, f"{command}\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
     finally:
         for server in servers:
-            os.killpg(server.pid, signal.SIGTERM)
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
 
 
