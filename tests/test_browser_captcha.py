@@ -94,7 +94,7 @@ def test_the_hardened_pool_page_shows_each_original_beside_its_hardened_copy(pag
 
     torch.manual_seed(0)  # an untrained surrogate has gradients like any network, at a fraction of the cost
     surrogate = load_surrogate(str(save_model(SeedCNN(), ModelConfig("seed-cnn", 128), tmp_path / "surrogate")))
-    source = scan(SHARED_TRAIN) if SHARED_TRAIN.is_dir() else scan(make_pool(tmp_path / "pool", cats=4, dogs=4))
+    source = scan(SHARED_TRAIN) if SHARED_TRAIN.is_dir() else make_pool(tmp_path / "pool", cats=4, dogs=4)
     refs = [ref for ref in source if ref.label == 0][:4] + [ref for ref in source if ref.label == 1][:4]
     config = HardenConfig(method="pgd", epsilon=16 / 255, steps=2, eot=1, surrogates=(surrogate.name,))
     harden_pool(refs, tmp_path / "hardened", config, [surrogate], progress=False)
