@@ -33,7 +33,7 @@
 import os
 from pathlib import Path
 
-from IPython.display import Image, Markdown, display
+from IPython.display import Image, display
 
 import asirra
 from asirra.captcha import ServiceSettings, running

@@ -22,7 +22,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import asirra
-from asirra import evaluation as evaluate, plots
+from asirra import evaluation as evaluate
+from asirra import plots
 from asirra.cli import app
 from asirra.data import scan
 from asirra.gradcam import gradcam

@@ -273,8 +273,7 @@ def evaluate_data(classifier, data: str | Path | None, out_dir: Path, *, split: 
     """`evaluate_model` on the labelled images under `data` (the --data lookup when None): a run's
     validation images with `split` (its folder), then a stratified `limit` of them; labels follow the
     model's class order by name."""
-    from asirra.data import class_names, labelled_split_dirs, resolve_data_root, scan
-    from asirra.data import align_labels
+    from asirra.data import align_labels, class_names, labelled_split_dirs, resolve_data_root, scan
     from asirra.splits import evaluation_sample
 
     root = resolve_data_root(data)

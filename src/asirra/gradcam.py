@@ -242,9 +242,8 @@ def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: in
     With the model's `classes`, a labelled folder's labels are mapped to them by name (a class the
     model does not know leaves its images unlabelled: they are still explained, just not marked).
     """
-    from asirra.data import ImageRef, class_names, scan
+    from asirra.data import ImageRef, align_labels, class_names, scan
     from asirra.errors import DataError
-    from asirra.data import align_labels
 
     refs = []
     for path in map(Path, paths):
