@@ -6,6 +6,8 @@ Runs on both stores; the example site shows (and this test walks) the whole loop
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -59,8 +61,13 @@ def test_token_verifies_once_for_its_own_site_only(make_app):
         token = _pass(app, client, SHOP.key)
         foreign = _verify(client, BLOG.secret, token)
         assert foreign.status_code == 200 and foreign.json() == {"success": False, "error-codes": ["invalid-input-response"]}
+        before = time.time()
         ok = client.post("/api/verify", json={"secret": SHOP.secret, "response": token})  # JSON, as Turnstile takes
-        assert ok.json() == {"success": True, "error-codes": []}  # the blog's attempt did not spend it
+        # The blog's attempt did not spend it; siteverify says where and when it was solved, as Turnstile's does.
+        assert set(ok.json()) == {"success", "error-codes", "hostname", "challenge_ts"} and ok.json()["success"] is True
+        assert ok.json()["error-codes"] == [] and ok.json()["hostname"] == "testserver"  # the service's own page
+        solved = datetime.fromisoformat(ok.json()["challenge_ts"].replace("Z", "+00:00")).timestamp()
+        assert ok.json()["challenge_ts"].endswith("Z") and before - 5 < solved <= before + 0.001
         assert _verify(client, SHOP.secret, token).json()["error-codes"] == ["timeout-or-duplicate"]
 
 
