@@ -27,6 +27,7 @@ from asirra.captcha.service.clients import Site, Sites
 STATIC = Path(__file__).parent / "static"
 WIDGET_PARAMS = {"sitekey", "origin", "id"}
 _WIDGET_ID = re.compile(r"[A-Za-z0-9]{1,16}")
+_HOST = re.compile(r"[a-z0-9.-]{1,253}|[0-9a-f:.]{2,45}")  # a DNS name or an IPv4 / IPv6 literal
 MAX_ORIGIN_CHARS = 300
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -59,6 +60,8 @@ def parse_origin(text: str) -> str | None:
         return None
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None or parts.password is not None:
         return None
+    if not _HOST.fullmatch(parts.hostname):  # urlsplit lets spaces and semicolons through: a header could be forged
+        return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     rebuilt = f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[parts.scheme] else "")
     return text if rebuilt == text else None
@@ -70,9 +73,9 @@ def origin_host(origin: str) -> str:
 
 def check_page(site: Site | None, origin_text: str | None) -> tuple[str, str]:
     """(origin, hostname) of the page asking for `site`'s challenges, or WidgetRefused saying why not."""
-    if site is None:
-        raise WidgetRefused("unknown_sitekey", "unknown site key")
     origin = parse_origin(origin_text or "")
+    if site is None:
+        raise WidgetRefused("unknown_sitekey", "unknown site key", origin)
     if origin is None:
         raise WidgetRefused("hostname_not_allowed", "the embedding page's origin is missing or malformed")
     if not site.hostnames:
