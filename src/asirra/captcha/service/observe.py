@@ -133,6 +133,13 @@ def log_config(style: str) -> dict:
         "disable_existing_loggers": False,
         "formatters": {"asirra": formatter},
         "handlers": {"asirra": handler},
-        "loggers": {name: {"handlers": ["asirra"], "level": "INFO", "propagate": False}
-                    for name in ("asirra", "uvicorn", "uvicorn.error")},
+        "loggers": {"asirra": {"handlers": ["asirra"], "level": "INFO"},
+                    **{name: {"handlers": ["asirra"], "level": "INFO", "propagate": False}
+                       for name in ("uvicorn", "uvicorn.error")}},
     }
+
+
+def use_log_format(style: str) -> None:
+    """Lines already set up for asirra's logger (the command line's) in `style` from now on."""
+    for handler in logging.getLogger("asirra").handlers:
+        handler.setFormatter(LogFormatter(style))

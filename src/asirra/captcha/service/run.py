@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from asirra.captcha.safeguards import Safeguard, describe, parse_safeguard
 from asirra.captcha.service.app import create_app
 from asirra.captcha.service.clients import Sites, load_sites, load_sites_text, read_secret_file
-from asirra.captcha.service.observe import MULTIPROCESS_ENV, log_config
+from asirra.captcha.service.observe import MULTIPROCESS_ENV, log_config, use_log_format
 from asirra.captcha.service.settings import (
     DEFAULT_SAFEGUARD,
     SECRET_ENV,
@@ -47,8 +47,9 @@ def serve_pool(loaded: Loaded) -> None:
     from asirra.data import scan
 
     settings, service = loaded.settings, loaded.settings.service
+    use_log_format(settings.log_format)
     policy = parse_safeguard(settings.safeguard)
-    sites = read_sites(settings.sites_file, loaded.sites_text)
+    sites = loaded.sites
     for warning in [*loaded.warnings, *deployment_warnings(sites)]:
         log.warning(warning)
     pool = ordered_pool(usable_pool(scan(settings.data, labelled=True)))
@@ -69,15 +70,8 @@ def serve_pool(loaded: Loaded) -> None:
         config = worker_config(pool, policy, service,
                                str(Path(settings.secret_file).resolve()) if settings.secret_file else None,
                                str(Path(settings.sites_file).resolve()) if settings.sites_file else None,
-                               secret_from_env=loaded.secret_from == "env", sites_from_env=loaded.sites_text is not None)
+                               secret_from_env=loaded.secret_from == "env", sites_from_env=loaded.sites_from_env)
         serve_workers(config, settings.host, settings.port, settings.workers, settings.log_format)
-
-
-def read_sites(sites_file: str | None, sites_text: str | None) -> Sites | None:
-    """The registered sites, from their file or from ASIRRA_SITES; None when there are none."""
-    if sites_file:
-        return load_sites(sites_file)
-    return load_sites_text(sites_text, SITES_ENV) if sites_text else None
 
 
 def deployment_warnings(sites: Sites | None) -> list[str]:
@@ -160,8 +154,11 @@ def app_from_config(config: dict) -> FastAPI:
         secret = read_secret_file(config["secret_file"])
     elif config.get("secret_env"):
         secret = os.environ[config["secret_env"]].encode().strip()
-    sites_text = os.environ[config["sites_env"]] if config.get("sites_env") else None
-    sites = read_sites(config["sites_file"], sites_text)
+    sites = None
+    if config["sites_file"]:
+        sites = load_sites(config["sites_file"])
+    elif config.get("sites_env"):
+        sites = load_sites_text(os.environ[config["sites_env"]], config["sites_env"])
     pool = [ImageRef(source, label, ref_id) for source, label, ref_id in config["pool"]]
     return create_app(pool, parse_safeguard(config["safeguard"]), ServiceSettings.from_dict(config["settings"], secret),
                       sites=sites)

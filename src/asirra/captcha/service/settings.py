@@ -24,6 +24,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -32,7 +33,7 @@ from typing import Mapping
 
 from asirra.captcha.rendering import RenderSettings
 from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.service.clients import check_secret, read_secret_file
+from asirra.captcha.service.clients import ClientConfigError, Sites, check_secret, load_sites, load_sites_text, read_secret_file
 from asirra.errors import ConfigError, UserError
 
 _RENDER = RenderSettings()
@@ -48,6 +49,7 @@ KNOWN_ELSEWHERE = {"ASIRRA_CACHE", "ASIRRA_SURROGATES", "ASIRRA_SERVE_CONFIG", "
                    "ASIRRA_REQUIRE_BROWSER", "ASIRRA_REQUIRE_REDIS", "ASIRRA_REQUIRE_DATA", "ASIRRA_REQUIRE_NGINX",
                    SECRET_ENV, SITES_ENV, CONFIG_ENV}
 LOG_FORMATS = ("text", "json")
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}")  # a name or an IPv4 / IPv6 address
 
 
 class ServiceError(ConfigError):
@@ -171,6 +173,10 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.data is None or not str(self.data).strip():
             raise SettingError("data", "no images to serve: give --data PATH (or ASIRRA_DATA)")
+        if not Path(self.data).exists():
+            raise SettingError("data", f"no such file or folder: {self.data}")
+        if not _HOST.fullmatch(self.host):
+            raise SettingError("host", f"host must be an address to listen on (127.0.0.1, 0.0.0.0, ::), got {self.host!r}")
         if not 1 <= self.port <= 65535:
             raise SettingError("port", f"port must be 1-65535, got {self.port}")
         if self.workers < 1:
@@ -291,7 +297,7 @@ def read_environment(environ: Mapping[str, str]) -> tuple[dict[str, Given], list
 
 
 def _suggest(name: str, known, env: bool = False) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
+    close = [k for k in known if k.startswith(name + "_")] or difflib.get_close_matches(name, list(known), n=1)
     return f"; did you mean {env_name(close[0]) if env else close[0]}?" if close else ""
 
 
@@ -300,9 +306,10 @@ class Loaded:
     """What `load_serve_settings` found: the settings, the secrets (never in `settings`) and any warnings."""
 
     settings: ServeSettings
-    secret: bytes | None  # from secret_file or ASIRRA_SECRET
+    secret: bytes | None = field(repr=False)  # from secret_file or ASIRRA_SECRET
     secret_from: str | None  # "file" or "env": how a worker finds it again without it being written down
-    sites_text: str | None  # the sites JSON from ASIRRA_SITES (sites_file is read where it is used)
+    sites: Sites | None  # from sites_file or ASIRRA_SITES
+    sites_from_env: bool
     warnings: list[str]
 
 
@@ -332,22 +339,45 @@ def load_serve_settings(flags: Mapping[str, Given] | None = None, environ: Mappi
         service = ServiceSettings(**{k: v for k, v in values.items() if k in service_names})
         settings = ServeSettings(**{k: v for k, v in values.items() if k not in service_names}, service=service)
     except SettingError as exc:
-        raise ServiceError(f"{given[exc.name].source}: {exc}" if exc.name in given else str(exc)) from None
+        raise ServiceError(_from(given, exc.name, exc)) from None
 
+    secret, secret_from = read_secret(settings, environ, given)
+    sites = read_sites(settings, environ, given)
+    check_deployment(settings, secret is not None)
+    return Loaded(replace(settings, service=replace(settings.service, secret=secret)), secret, secret_from, sites,
+                  sites_from_env=bool(environ.get(SITES_ENV)), warnings=warnings)
+
+
+def read_secret(settings: ServeSettings, environ: Mapping[str, str], given: Mapping[str, Given]):
+    """(the master secret, "file" or "env"), or (None, None) for a random one per process."""
     secret_text = environ.get(SECRET_ENV)
     if secret_text and settings.secret_file:
         raise ServiceError(f"give the secret once: {SECRET_ENV} or secret_file ({settings.secret_file}), not both")
-    secret, secret_from = None, None
-    if settings.secret_file:
-        secret, secret_from = read_secret_file(settings.secret_file), "file"
-    elif secret_text:
-        secret, secret_from = check_secret(secret_text.encode().strip(), SECRET_ENV), "env"
-    sites_text = environ.get(SITES_ENV) or None
+    try:
+        if settings.secret_file:
+            return read_secret_file(settings.secret_file), "file"
+        if secret_text:
+            return check_secret(secret_text.encode().strip(), SECRET_ENV), "env"
+    except ClientConfigError as exc:
+        raise ServiceError(_from(given, "secret_file", exc)) from None
+    return None, None
+
+
+def read_sites(settings: ServeSettings, environ: Mapping[str, str], given: Mapping[str, Given]) -> Sites | None:
+    sites_text = environ.get(SITES_ENV)
     if sites_text and settings.sites_file:
         raise ServiceError(f"give the sites once: {SITES_ENV} or sites_file ({settings.sites_file}), not both")
-    check_deployment(settings, secret is not None)
-    return Loaded(replace(settings, service=replace(settings.service, secret=secret)), secret, secret_from, sites_text,
-                  warnings)
+    try:
+        if settings.sites_file:
+            return load_sites(settings.sites_file)
+        return load_sites_text(sites_text, SITES_ENV) if sites_text else None
+    except ClientConfigError as exc:
+        raise ServiceError(_from(given, "sites_file", exc)) from None
+
+
+def _from(given: Mapping[str, Given], name: str, exc: Exception) -> str:
+    """`exc`'s message, after the flag, variable or file line that gave `name` (if one did)."""
+    return f"{given[name].source}: {exc}" if name in given else str(exc)
 
 
 def check_deployment(settings: ServeSettings, has_secret: bool) -> None:
