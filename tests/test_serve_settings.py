@@ -198,3 +198,11 @@ def test_serve_starts_with_the_token_bucket_from_the_environment_and_none_is_sti
         with httpx.Client(base_url=url, timeout=10) as client:
             assert [_answer(client, right=False), _answer(client, right=True)] == ["fail", "pass"]
     assert re.search(r"safeguard none, ", (files / "none.log").read_text())
+
+
+def test_the_readme_lists_every_setting_with_its_variable():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [env_name(name) for name in setting_types() if f"`{env_name(name)}`" not in readme]
+    assert missing == []
