@@ -140,7 +140,8 @@ def service_counts(text: str) -> dict:
                 counts["issued"] += int(sample.value)
             elif sample.name == "asirra_answers_total":
                 counts["answers"][sample.labels["verdict"]] += int(sample.value)
-            elif sample.name == "asirra_request_duration_seconds_count" and sample.labels["route"] == "/api/image/{token}":
+            elif sample.name == "asirra_request_duration_seconds_count" \
+                    and sample.labels["route"] == "/api/image/{token}":
                 counts["images"] += int(sample.value)
     return counts
 

@@ -7,8 +7,6 @@ ASIRRA_REQUIRE_NGINX=1 (as in CI), where that is a failure.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+from redis_support import free_port, installed_or_skip
 
 START_SECONDS = 10.0
 # As the README tells an operator to proxy: nginx appends the address it saw to X-Forwarded-For.
@@ -51,19 +49,9 @@ http {{
 
 def nginx_binary() -> str:
     """The nginx executable, or skip (fail when ASIRRA_REQUIRE_NGINX=1)."""
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-    if binary is None:
-        reason = "nginx is not installed (apt-get install nginx; `make nginx` does it as root)"
-        if os.environ.get("ASIRRA_REQUIRE_NGINX") == "1":
-            pytest.fail(f"{reason}, and ASIRRA_REQUIRE_NGINX=1 says the reverse-proxy tests must run")
-        pytest.skip(reason)
-    return binary
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return installed_or_skip("nginx", "ASIRRA_REQUIRE_NGINX",
+                             "nginx is not installed (apt-get install nginx; `make nginx` does it as root)",
+                             where=("/usr/sbin/nginx",))
 
 
 @contextmanager
@@ -71,11 +59,11 @@ def nginx_in_front_of(upstream_port: int, folder: Path) -> Iterator[str]:
     """nginx on 127.0.0.1:<free port> proxying to 127.0.0.1:`upstream_port`; yields its URL."""
     binary = nginx_binary()
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     (folder / "nginx.conf").write_text(CONFIG.format(folder=folder, port=port, upstream=upstream_port))
     log = open(folder / "stderr.log", "ab")
-    process = subprocess.Popen([binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")],
-                               stdout=log, stderr=subprocess.STDOUT)
+    command = [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
         deadline = time.monotonic() + START_SECONDS

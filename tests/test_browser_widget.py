@@ -18,7 +18,7 @@ from datetime import datetime
 import httpx
 import pytest
 from captcha_service_support import GENEROUS, FakeClock, make_pool
-from test_browser_captcha import CHROMIUM, CHROMIUM_ARGS, _require_browser
+from test_browser_captcha import browser  # noqa: F401  (fixture)
 
 from asirra.captcha.safeguards import parse_safeguard
 from asirra.captcha.service.app import create_app
@@ -41,17 +41,6 @@ def pool(tmp_path_factory):
     return make_pool(tmp_path_factory.mktemp("pool"), cats=24, dogs=24)
 
 
-@pytest.fixture
-def browser():
-    sync_playwright = _require_browser()
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 class Deployment:
     """The service on 127.0.0.2, the shop's sign-up site on 127.0.0.1 and a stranger's copy of it on 127.0.0.3."""
 
@@ -63,7 +52,8 @@ class Deployment:
     def __enter__(self):
         self._service = running(self.app, host="127.0.0.2")
         self.service = self._service.__enter__()
-        self._site = running(create_site(self.service, SHOP.key, SHOP.secret, hostnames=SHOP.hostnames), host="127.0.0.1")
+        shop = create_site(self.service, SHOP.key, SHOP.secret, hostnames=SHOP.hostnames)
+        self._site = running(shop, host="127.0.0.1")
         self.site = self._site.__enter__()
         self._stranger = running(create_site(self.service, SHOP.key, SHOP.secret), host="127.0.0.3")
         self.stranger = self._stranger.__enter__()
@@ -86,8 +76,9 @@ def widget_frame(page):
 
 
 def show_photos(frame, previous: str = "") -> str:
-    frame.wait_for_function(f"() => document.querySelector('#captcha').dataset.challenge !== {previous!r}"
-                            f" && document.querySelector('#captcha').dataset.state === 'choosing' && ({IMAGES_SHOWN})()")
+    main = "document.querySelector('#captcha')"
+    frame.wait_for_function(f"() => {main}.dataset.challenge !== {previous!r} && {main}.dataset.state === 'choosing'"
+                            f" && ({IMAGES_SHOWN})()")
     return frame.get_attribute("#captcha", "data-challenge")
 
 
@@ -281,7 +272,8 @@ def test_rate_limits_and_outages_are_told_to_the_person_and_the_page(browser, po
         show_photos(frame)
         frame.click("#new")  # a second challenge at once: over the per-address budget
         frame.wait_for_selector("#captcha[data-state=error]")
-        assert "Too many attempts" in frame.inner_text("#status") and re.search(r"in \d+ s", frame.inner_text("#status"))
+        status = frame.inner_text("#status")
+        assert "Too many attempts" in status and re.search(r"in \d+ s", status)
         assert events(page) == [["error", "rate-limited"]] and frame.is_disabled("#start")
         page.screenshot(path=str(tmp_path / "widget-rate-limited.png"))
 

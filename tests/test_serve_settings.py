@@ -113,7 +113,8 @@ def test_a_bad_flag_or_file_value_names_its_flag_or_file_line(files):
     assert result.exit_code == 2 and result.output == "error: --ttl 0.0: ttl_seconds must be positive, got 0.0\n"
     (files / "asirra.toml").write_text('port = "x"\n')
     result = CliRunner().invoke(cli, ["serve", "--data", str(files / "pool"), "--config", str(files / "asirra.toml")])
-    assert result.exit_code == 2 and result.output == f"error: {files / 'asirra.toml'}: port = 'x': port must be a whole number\n"
+    expected = f"error: {files / 'asirra.toml'}: port = 'x': port must be a whole number\n"
+    assert result.exit_code == 2 and result.output == expected
 
 
 def test_flags_beat_the_environment_which_beats_the_config_file(files):
@@ -206,3 +207,11 @@ def test_the_readme_lists_every_setting_with_its_variable():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [env_name(name) for name in setting_types() if f"`{env_name(name)}`" not in readme]
     assert missing == []
+
+
+def test_a_redis_password_never_reaches_the_log():
+    from asirra.captcha.service.run import redact
+
+    assert redact("redis://:hunter2@db.internal:6379/0") == "redis://:***@db.internal:6379/0"
+    assert redact("rediss://app:hunter2@db.internal/1") == "rediss://app:***@db.internal/1"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -150,7 +150,8 @@ def test_example_site_lets_in_a_verified_visitor_once(make_app):
             # The two lines of the page: the service's script, and the element in the form (the widget fills it in).
             assert f'<script src="{service_url}/asirra.js" async defer></script>' in page.text
             assert f'<div class="asirra-captcha" data-sitekey="{SHOP_WIDGET.key}"' in page.text
-            assert f"script-src 'self' {service_url}; frame-src {service_url}" in page.headers["content-security-policy"]
+            policy = page.headers["content-security-policy"]
+            assert f"script-src 'self' {service_url}; frame-src {service_url}" in policy
             # The visitor's browser solves the challenge in the widget (here by colour, through the public API only).
             challenge = browser.post("/api/challenge", params={"sitekey": SHOP_WIDGET.key, "origin": site_url}).json()
             cats = ColourClassifier().solve([browser.get(url).content for url in challenge["images"]])

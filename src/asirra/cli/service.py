@@ -36,13 +36,15 @@ def serve_command(
     ttl: float = typer.Option(_DEFAULTS["ttl_seconds"], "--ttl", show_default=False,
                               help="Seconds a challenge stays answerable. " + _default("ttl_seconds")),
     seed: Optional[int] = typer.Option(None, "--seed", show_default=False,
-                                       help="Seeds which challenges are drawn (tokens stay random). " + _default("seed")),
+                                       help="Seeds which challenges are drawn (tokens stay random). "
+                                            + _default("seed")),
     challenge_rate: float = typer.Option(_DEFAULTS["challenge_rate"], "--challenge-rate", show_default=False,
                                          help="New challenges per second per client (raise it to measure a bot "
                                               "unthrottled). " + _default("challenge_rate")),
     redis_url: Optional[str] = typer.Option(None, "--redis", show_default=False,
                                             help="Keep all state in Redis, e.g. redis://127.0.0.1:6379/0 (shared by "
-                                                 "every worker and instance; needs a secret). " + _default("redis_url")),
+                                                 "every worker and instance; needs a secret). "
+                                                 + _default("redis_url")),
     workers: int = typer.Option(_DEFAULTS["workers"], "--workers", show_default=False,
                                 help="Worker processes (more than 1 needs --redis). " + _default("workers")),
     secret_file: Optional[Path] = typer.Option(None, "--secret-file", show_default=False,

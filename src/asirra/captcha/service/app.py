@@ -323,8 +323,8 @@ def create_app(
     @app.get("/asirra.js", include_in_schema=False)
     def loader() -> FileResponse:
         """The script other sites' pages load: it draws the widget in their forms."""
-        return FileResponse(STATIC / "asirra.js", media_type="text/javascript",
-                            headers={"Cache-Control": "public, max-age=300", "Cross-Origin-Resource-Policy": "cross-origin"})
+        headers = {"Cache-Control": "public, max-age=300", "Cross-Origin-Resource-Policy": "cross-origin"}
+        return FileResponse(STATIC / "asirra.js", media_type="text/javascript", headers=headers)
 
     @app.get("/widget", include_in_schema=False)
     def widget(request: Request) -> HTMLResponse:

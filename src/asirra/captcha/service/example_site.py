@@ -39,10 +39,13 @@ FORM = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign
 # The page's callbacks: a line for the visitor, and a record of what happened (never the token) for tests.
 SITE_JS = """"use strict";
 window.asirraEvents = [];
-function asirraNote(text) { document.getElementById("captcha-status").textContent = text; }
-function asirraPassed() { window.asirraEvents.push(["pass"]); asirraNote("Check passed: you can sign up."); }
-function asirraExpired() { window.asirraEvents.push(["expired"]); asirraNote("The check expired: please do it again."); }
-function asirraError(code) { window.asirraEvents.push(["error", code]); asirraNote("The check failed (" + code + ")."); }
+function asirraNote(event, text) {
+  window.asirraEvents.push(event);
+  document.getElementById("captcha-status").textContent = text;
+}
+function asirraPassed() { asirraNote(["pass"], "Check passed: you can sign up."); }
+function asirraExpired() { asirraNote(["expired"], "The check expired: please do it again."); }
+function asirraError(code) { asirraNote(["error", code], "The check failed (" + code + ")."); }
 """
 
 
@@ -79,8 +82,8 @@ def create_site(captcha_url: str, sitekey: str, secret: str, transport: httpx.As
             return JSONResponse({"error": "the CAPTCHA was not passed", "error-codes": verdict.get("error-codes", [])},
                                 status_code=403)
         if hostnames and verdict.get("hostname") not in hostnames:
-            return JSONResponse({"error": "the CAPTCHA was passed on another site", "error-codes": ["hostname-mismatch"]},
-                                status_code=403)
+            return JSONResponse({"error": "the CAPTCHA was passed on another site",
+                                 "error-codes": ["hostname-mismatch"]}, status_code=403)
         return JSONResponse({"welcome": name, "hostname": verdict.get("hostname"),
                              "challenge_ts": verdict.get("challenge_ts")})
 

@@ -39,8 +39,8 @@ class Metrics:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV)) if multiprocess is None else multiprocess
         self.registry = None if self.multiprocess else CollectorRegistry()
         # prometheus-client appends _total to counters.
-        self.issued = Counter("asirra_challenges_issued", "Challenges issued, by site ('none': the service's own page).",
-                              ["site"], registry=self.registry)
+        self.issued = Counter("asirra_challenges_issued", "Challenges issued, by site ('none': the service's own "
+                              "page).", ["site"], registry=self.registry)
         self.answers = Counter("asirra_answers", "Challenges answered, by site and verdict (pass, almost, fail).",
                                ["site", "verdict"], registry=self.registry)
         self.refusals = Counter("asirra_refusals", "Requests refused, by kind (rate_limited, expired, ...).", ["kind"],

@@ -79,7 +79,8 @@ def deployment_warnings(sites: Sites | None) -> list[str]:
     warnings = [f"site {site.name or site.key!r} has no hostnames: its widget is refused (the service's own page "
                 f"/?sitekey={site.key} still works)" for site in sites or () if not site.hostnames]
     if os.environ.get("FORWARDED_ALLOW_IPS"):
-        warnings.append("FORWARDED_ALLOW_IPS is ignored: name the proxies with --trusted-proxy or ASIRRA_TRUSTED_PROXIES")
+        warnings.append("FORWARDED_ALLOW_IPS is ignored: name the proxies with --trusted-proxy or "
+                        "ASIRRA_TRUSTED_PROXIES")
     if os.environ.get(MULTIPROCESS_ENV):
         warnings.append(f"{MULTIPROCESS_ENV} is ignored: asirra serve keeps its own metrics folder")
     return warnings

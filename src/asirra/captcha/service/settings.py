@@ -33,7 +33,14 @@ from typing import Mapping
 
 from asirra.captcha.rendering import RenderSettings
 from asirra.captcha.safeguards import parse_safeguard
-from asirra.captcha.service.clients import ClientConfigError, Sites, check_secret, load_sites, load_sites_text, read_secret_file
+from asirra.captcha.service.clients import (
+    ClientConfigError,
+    Sites,
+    check_secret,
+    load_sites,
+    load_sites_text,
+    read_secret_file,
+)
 from asirra.errors import ConfigError, UserError
 
 _RENDER = RenderSettings()
@@ -109,7 +116,8 @@ class ServiceSettings:
             if not 0 < low <= high:
                 raise SettingError(name, f"{name} must be a range (low, high) with 0 < low <= high")
         if self.image_quality[1] > 100:
-            raise SettingError("image_quality", f"image_quality is a JPEG quality, at most 100, got {self.image_quality[1]}")
+            raise SettingError("image_quality", f"image_quality is a JPEG quality, at most 100, "
+                                                f"got {self.image_quality[1]}")
         if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
             raise SettingError("redis_url", f"--redis must be a redis://HOST:PORT/DB URL, got {self.redis_url!r}")
         object.__setattr__(self, "trusted_proxies", tuple(proxy_network(p) for p in self.trusted_proxies))
@@ -176,7 +184,8 @@ class ServeSettings:
         if not Path(self.data).exists():
             raise SettingError("data", f"no such file or folder: {self.data}")
         if not _HOST.fullmatch(self.host):
-            raise SettingError("host", f"host must be an address to listen on (127.0.0.1, 0.0.0.0, ::), got {self.host!r}")
+            raise SettingError("host", f"host must be an address to listen on (127.0.0.1, 0.0.0.0, ::), "
+                                       f"got {self.host!r}")
         if not 1 <= self.port <= 65535:
             raise SettingError("port", f"port must be 1-65535, got {self.port}")
         if self.workers < 1:
@@ -221,7 +230,8 @@ def parse_value(text: str, kind) -> object:
                              f"{','.join(str(i * 100) for i in range(1, len(args) + 1))}")
         return tuple(parse_value(p, a) for p, a in zip(parts, args))
     if kind is bool:
-        words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+        words = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
         if text.lower() not in words:
             raise ValueError("must be true or false (also 1/0, yes/no, on/off)")
         return words[text.lower()]
@@ -383,7 +393,8 @@ def _from(given: Mapping[str, Given], name: str, exc: Exception) -> str:
 def check_deployment(settings: ServeSettings, has_secret: bool) -> None:
     """What several processes need to act as one service: shared state and a shared key."""
     if settings.workers > 1 and not settings.service.redis_url:
-        raise ServiceError("--workers above 1 needs --redis: in-process state cannot be shared between worker processes")
+        raise ServiceError("--workers above 1 needs --redis: in-process state cannot be shared between worker "
+                           "processes")
     if settings.service.redis_url and not has_secret:
         raise ServiceError("--redis needs --secret-file (or ASIRRA_SECRET), so that every worker and restart signs "
                            "cookies and pass tokens alike")

@@ -58,12 +58,14 @@ def parse_origin(text: str) -> str | None:
         port = parts.port
     except ValueError:
         return None
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None or parts.password is not None:
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc:
         return None
     if not _HOST.fullmatch(parts.hostname):  # urlsplit lets spaces and semicolons through: a header could be forged
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    rebuilt = f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[parts.scheme] else "")
+    if port is not None and port != DEFAULT_PORTS[parts.scheme]:
+        host += f":{port}"
+    rebuilt = f"{parts.scheme}://{host}"
     return text if rebuilt == text else None
 
 
@@ -89,7 +91,8 @@ def check_widget_request(params, headers, sites: Sites) -> str:
     """The origin that may frame /widget for this request, or WidgetRefused (with the origin to tell, if any)."""
     keys = list(params.keys())
     if set(keys) != WIDGET_PARAMS or len(keys) != len(WIDGET_PARAMS) or not _WIDGET_ID.fullmatch(params["id"]):
-        raise WidgetRefused("bad_request", "expected exactly sitekey, origin and id", parse_origin(params.get("origin", "")))
+        raise WidgetRefused("bad_request", "expected exactly sitekey, origin and id",
+                            parse_origin(params.get("origin", "")))
     origin, _ = check_page(sites.get(params["sitekey"]), params["origin"])
     referer = headers.get("referer")
     if referer:
