@@ -18,6 +18,7 @@ the rate limits, the safeguard and single-use, site-bound, short-lived pass toke
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,17 +32,12 @@ _HOST = re.compile(r"[a-z0-9.-]{1,253}|[0-9a-f:.]{2,45}")  # a DNS name or an IP
 MAX_ORIGIN_CHARS = 300
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
-# Refusal kinds the widget page can carry (data-error), each with the words a visitor reads.
-WIDGET_REFUSALS = {
-    "bad_request": "This check was embedded incorrectly.",
-    "unknown_sitekey": "This site is not registered with the check.",
-    "hostname_not_allowed": "This page is not allowed to show the check.",
-    "not_framed": "This check works only inside a site's page.",
-}
+# Refusal kinds the widget page can carry (data-error); the words a visitor reads are in static/widget.js.
+WIDGET_REFUSALS = frozenset({"bad_request", "unknown_sitekey", "hostname_not_allowed", "not_framed"})
 
 
 class WidgetRefused(Exception):
-    """The widget (or a challenge for it) may not be shown: `kind` is one of WIDGET_REFUSALS' keys."""
+    """The widget (or a challenge for it) may not be shown: `kind` is one of WIDGET_REFUSALS."""
 
     def __init__(self, kind: str, message: str, origin: str | None = None):
         super().__init__(message)
@@ -104,7 +100,9 @@ def check_widget_request(params, headers, sites: Sites) -> str:
     return origin
 
 
+@functools.cache
 def widget_page(refusal: str | None = None) -> str:
     """The widget's HTML; a refused one says which refusal (a fixed kind, never request text) for its script."""
+    assert refusal is None or refusal in WIDGET_REFUSALS
     page = (STATIC / "widget.html").read_text(encoding="utf-8")
     return page.replace('data-error=""', f'data-error="{refusal}"') if refusal else page
