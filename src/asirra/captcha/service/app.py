@@ -49,7 +49,7 @@ from asirra.captcha.challenge import CHALLENGE_SIZE, count_mistakes, draw_indice
 from asirra.captcha.rendering import render_jpeg
 from asirra.captcha.safeguards import Safeguard
 from asirra.captcha.service.clients import CookieSigner, PassTokens, Sites, derive_key
-from asirra.captcha.service.gate import Gate, error_body
+from asirra.captcha.service.gate import STORE_BUSY, STORE_DOWN, Gate, error_body
 from asirra.captcha.service.observe import Metrics, Observer
 from asirra.captcha.service.settings import ServiceError, ServiceSettings
 from asirra.captcha.service.store import (
@@ -107,11 +107,11 @@ def refusal(exc: StoreError, unknown: str = "unknown challenge") -> ApiError:
         return ApiError(410, "challenge was replaced by a newer one", "replaced")
     if isinstance(exc, Unknown):
         return ApiError(404, unknown, "unknown_challenge")
-    if isinstance(exc, Full):
-        return ApiError(503, "the server is busy; try again shortly", "busy", retry_after=5)
-    if isinstance(exc, Unavailable):
-        log.error("store unavailable: %s", exc)
-        return ApiError(503, "the challenge store is unavailable; try again shortly", "unavailable", retry_after=2)
+    if isinstance(exc, (Full, Unavailable)):  # the same words as when the gate meets them
+        said = STORE_BUSY if isinstance(exc, Full) else STORE_DOWN
+        if isinstance(exc, Unavailable):
+            log.error("store unavailable: %s", exc)
+        return ApiError(said.status, said.message, said.kind, retry_after=said.retry_after)
     raise TypeError(f"no refusal for {exc!r}")
 
 

@@ -73,8 +73,8 @@ def error_body(message: str, kind: str) -> bytes:
 class Refusal:
     """A prebuilt response: status, headers and body as bytes, only Retry-After filled in per request."""
 
-    def __init__(self, status: int, message: str, kind: str):
-        self.status, self.kind = status, kind
+    def __init__(self, status: int, message: str, kind: str, retry_after: float | None = None):
+        self.status, self.message, self.kind, self.retry_after = status, message, kind, retry_after
         self.body = error_body(message, kind)
         self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
                         *_FRAMING_DENIED]
@@ -88,8 +88,8 @@ class Refusal:
 
 
 RATE_LIMITED = Refusal(429, "too many requests; slow down", "rate_limited")
-STORE_DOWN = Refusal(503, "the challenge store is unavailable; try again shortly", "unavailable")
-STORE_BUSY = Refusal(503, "the server is busy; try again shortly", "busy")
+STORE_DOWN = Refusal(503, "the challenge store is unavailable; try again shortly", "unavailable", retry_after=2)
+STORE_BUSY = Refusal(503, "the server is busy; try again shortly", "busy", retry_after=5)
 
 
 class UntrustedForwarding:
@@ -163,9 +163,9 @@ class Gate:
             if isinstance(exc, Unavailable):
                 log.error("store unavailable: %s", exc)
                 self.observer.metrics.store_errors.labels(exc.op).inc()
-                await STORE_DOWN.send(send, 2)
+                await STORE_DOWN.send(send, STORE_DOWN.retry_after)
                 return STORE_DOWN.kind
-            await STORE_BUSY.send(send, 5)
+            await STORE_BUSY.send(send, STORE_BUSY.retry_after)
             return STORE_BUSY.kind
         if wait:
             await RATE_LIMITED.send(send, wait)
