@@ -51,7 +51,7 @@ print(f"{'quick' if QUICK else 'full'}: {POOL} photos from {TRAIN}, {CHALLENGES}
 
 # %%
 settings = ServiceSettings(challenge_rate=100)  # lift the per-client pace so the demonstration is quick
-app = asirra.create_app(TRAIN, limit=POOL, settings=settings, seed=0)
+app = asirra.create_app(TRAIN, limit=POOL, settings=settings, safeguard="none", seed=0)
 
 with running(app) as url, httpx.Client(base_url=url) as browser:
     challenge = browser.post("/api/challenge").json()
@@ -74,9 +74,9 @@ display(Image(png.getvalue()))
 # %% [markdown]
 # ## 2. A bot, with and without a safeguard
 #
-# `attack` runs many challenges over HTTP. The token bucket (capacity 1) is the one safeguard that
-# costs a good bot anything without failing people: after a failure, the next challenge must be
-# passed perfectly before "almost" counts again.
+# `attack` runs many challenges over HTTP. The token bucket (capacity 1), the service's default, is the
+# one safeguard that costs a good bot anything without failing people: after a failure, the next
+# challenge must be passed perfectly before "almost" counts again.
 
 # %%
 results = {}
@@ -109,7 +109,7 @@ for eps in (4, 8):
                                surrogates=[surrogate], limit=POOL // 2, seed=0)
 rows = []
 for eps, pool in pools.items():
-    app = asirra.create_app(pool.out, settings=settings)
+    app = asirra.create_app(pool.out, settings=settings, safeguard="none")
     with running(app) as url:
         for move in ("none", "jpeg:75,median:3"):
             report = asirra.attack(url, CHALLENGES, preprocess=move)

@@ -26,3 +26,15 @@ def require_browser():
             pytest.fail(reason)
         pytest.skip(reason)
     return sync_playwright
+
+
+@pytest.fixture
+def browser():
+    """Debian's Chromium, headless, closed after the test."""
+    sync_playwright = require_browser()
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_browser
+from browser_support import ARTIFACTS, browser  # noqa: F401  (fixture)
 from captcha_service_support import GENEROUS, make_pool
 
 from asirra.captcha.safeguards import make_safeguard
@@ -28,14 +28,8 @@ IMAGES_SHOWN = (
 
 
 @pytest.fixture
-def page():
-    sync_playwright = require_browser()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 760, "height": 700})
-        finally:
-            browser.close()
+def page(browser):
+    return browser.new_page(viewport={"width": 760, "height": 700})
 
 
 @pytest.fixture

@@ -544,8 +544,8 @@ def create_app(pool: PathLike, /, *, safeguard: str = DEFAULT_SAFEGUARD, setting
 
     Args:
         pool: Labelled images (any layout asirra reads); undecodable ones are left out with a warning.
-        safeguard: The verdict policy: "none", "partial-credit", "token-bucket", or a setting such as
-            "token-bucket:capacity=1".
+        safeguard: The verdict policy: "token-bucket:capacity=1" (the default of `asirra serve` too),
+            "none", "partial-credit", or another setting such as "token-bucket:capacity=5".
         settings: Rate limits, lifetimes and rendering (`asirra.captcha.ServiceSettings`); None is the
             defaults `asirra serve` uses.
         sites: A JSON file `{"sites": [{"key": ..., "secret": ...}]}` of the web sites that may request
