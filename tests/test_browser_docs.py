@@ -9,7 +9,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_browser
+from browser_support import ARTIFACTS, browser  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -31,33 +31,27 @@ def site_url(built_site):
         server.server_close()
 
 
-def test_the_site_reads_in_a_browser_without_the_network(site_url):
-    sync_playwright = require_browser()
+def test_the_site_reads_in_a_browser_without_the_network(browser, site_url):
     requests, errors = [], []
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("request", lambda request: requests.append(request.url))
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(site_url + "/")
-            assert page.inner_text("article h1").rstrip("¶") == "asirra"
-            assert "Headline results" in page.inner_text("article")
-            page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
-            page.screenshot(path=str(ARTIFACTS / "docs-home.png"), full_page=True)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(site_url + "/")
+    assert page.inner_text("article h1").rstrip("¶") == "asirra"
+    assert "Headline results" in page.inner_text("article")
+    page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(ARTIFACTS / "docs-home.png"), full_page=True)
 
-            page.goto(site_url + "/guides/train-evaluate/")
-            assert page.inner_text("article h1").rstrip("¶") == "Train and evaluate"
-            assert "asirra train --model seed-cnn" in page.inner_text("article")
-            page.screenshot(path=str(ARTIFACTS / "docs-guide.png"))
+    page.goto(site_url + "/guides/train-evaluate/")
+    assert page.inner_text("article h1").rstrip("¶") == "Train and evaluate"
+    assert "asirra train --model seed-cnn" in page.inner_text("article")
+    page.screenshot(path=str(ARTIFACTS / "docs-guide.png"))
 
-            page.keyboard.press("s")  # Material's search shortcut; typing (not fill) triggers the query
-            page.keyboard.type("harden")
-            page.wait_for_selector(".md-search-result__item", timeout=20_000)
-            page.screenshot(path=str(ARTIFACTS / "docs-search.png"))
-        finally:
-            browser.close()
+    page.keyboard.press("s")  # Material's search shortcut; typing (not fill) triggers the query
+    page.keyboard.type("harden")
+    page.wait_for_selector(".md-search-result__item", timeout=20_000)
+    page.screenshot(path=str(ARTIFACTS / "docs-search.png"))
     assert not errors
     foreign = [url for url in requests if not url.startswith(site_url)]
     assert not foreign, foreign  # no fonts, scripts or pictures from anywhere else
