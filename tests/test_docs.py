@@ -102,7 +102,7 @@ def test_every_documented_command_parses(where, command):
 @pytest.mark.parametrize("line, words", [
     ("asirra train --epoch 3", "No such option"),
     ("asirra captcha hardn --data x", "No such command"),
-    ("asirra serve", "Missing"),
+    ("asirra captcha harden --data x", "Missing"),
     ("asirra train --epochs three", "valid integer"),
 ])
 def test_a_wrong_command_in_the_docs_would_be_caught(line, words):
