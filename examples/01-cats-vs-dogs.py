@@ -144,7 +144,7 @@ print("most suspicious labels:", [s["name"] for s in cv["suspects"][:5]])
 # that no trial trained or was chosen on: tuning has to beat the defaults there to count.
 
 # %%
-tuned = asirra.tune(TRAIN, model="seed-cnn", trials=SIZE["tune_trials"], epochs=1 if QUICK else 2,
+tuned = asirra.tune(TRAIN, model="seed-cnn", trials=SIZE["tune_trials"], epochs=1 if QUICK else 4,
                     limit=SIZE["tune_images"], heldout=SIZE["tune_heldout"], out=OUT / "tune")
 print(f"{tuned['trials']} trials: best trial {tuned['best']['trial']}, validation loss "
       f"{tuned['best']['val_log_loss']:.3f}; the defaults (trial 0): {tuned['baseline']['val_log_loss']}")
