@@ -21,9 +21,10 @@
 # original stopped: the same classifiers against an Asirra CAPTCHA, served, solved, attacked and
 # hardened on this machine.
 #
-# **Sizes.** By default it trains on a few thousand images and runs in about ten minutes on two CPU
-# cores. With `ASIRRA_QUICK=1` in the environment it runs at the test suite's size (a few hundred
-# images, one or two epochs: about two minutes); the numbers are then only a smoke test.
+# **Sizes.** By default it trains on a few thousand images: 572 s on two CPU cores shared with other
+# jobs (load average about 11, 2026-12-07; less on a quiet machine). With `ASIRRA_QUICK=1` in the
+# environment it runs at the test suite's size (a few hundred images, one epoch: 118-139 s under load
+# 7); the numbers are then only a smoke test.
 #
 # **Data.** The Kaggle Dogs-vs-Cats photos, looked up as the command line does: `$ASIRRA_DATA`,
 # `./data/dogs-vs-cats`, `../shared/datasets/dogs-vs-cats` (`asirra download` fetches Microsoft's

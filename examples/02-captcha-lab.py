@@ -16,8 +16,9 @@
 #
 # Asirra (Microsoft Research, 2007) showed 12 pet photos and asked for every cat, claiming a machine
 # would pass about once in 54,000 tries. This notebook runs such a service on this machine and looks
-# at it from both sides with asirra's public API. `ASIRRA_QUICK=1` runs it at the test suite's
-# size (about a minute); the default takes a few minutes on two CPU cores.
+# at it from both sides with asirra's public API. The default size took 352 s on two CPU cores shared
+# with other jobs (load average about 9, 2026-12-07); `ASIRRA_QUICK=1` runs it at the test suite's
+# size (100-108 s under load 7).
 
 # %%
 import os
