@@ -158,7 +158,15 @@ class ServiceSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping, secret: bytes | None = None) -> ServiceSettings:
-        """`to_dict` read back (JSON turned the tuples into lists)."""
+        """`to_dict` read back (JSON turned the tuples into lists).
+
+        Args:
+            values: What `to_dict` returned, possibly through JSON.
+            secret: The key, which `to_dict` never writes.
+
+        Returns:
+            The settings, checked as new ones are.
+        """
         return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()},
                    secret=secret)
 
