@@ -17,7 +17,7 @@ from typing import Iterator
 from redis_support import free_port, installed_or_skip
 
 START_SECONDS = 10.0
-# As the README tells an operator to proxy: nginx appends the address it saw to X-Forwarded-For.
+# As docs/guides/deploying.md tells an operator to proxy: nginx appends the address it saw to X-Forwarded-For.
 CONFIG = """daemon off;
 master_process off;
 worker_processes 1;
