@@ -1,6 +1,6 @@
-"""`asirra serve` behind a real nginx, configured as docs/guides/deploying.md says: with nginx trusted, two visitors behind it
-have their own rate limits and safeguard state and cannot forge each other's address; without it, every
-visitor is nginx (which is why the setting exists, and why the service says so)."""
+"""`asirra serve` behind a real nginx, configured as docs/guides/deploying.md says: with nginx trusted,
+two visitors behind it have their own rate limits and safeguard state and cannot forge each other's
+address; without it, every visitor is nginx (which is why the setting exists, and why the service says so)."""
 
 from __future__ import annotations
 
