@@ -25,7 +25,8 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def study_plot() -> Path:
-    rows = [r for r in csv.DictReader(line for line in open(DOCS / "assets/study-live.csv") if not line.startswith("#"))]
+    with open(DOCS / "assets/study-live.csv") as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     labels = {"default": "a bot that does not adapt (the shipped model, best counter-move)",
@@ -35,7 +36,8 @@ def study_plot() -> Path:
         x = np.array([int(r["epsilon"]) for r in part])
         rate = np.array([int(r["passed"]) / int(r["answered"]) for r in part])
         low, high = np.array([float(r["ci_low"]) for r in part]), np.array([float(r["ci_high"]) for r in part])
-        ax.errorbar(x, rate, yerr=[rate - low, high - rate], color=colour, marker=marker, capsize=3, label=labels[study])
+        ax.errorbar(x, rate, yerr=[rate - low, high - rate], color=colour, marker=marker, capsize=3,
+                    label=labels[study])
     ax.axhline(0.10, color="grey", linestyle="--", linewidth=1)
     ax.text(16, 0.115, "goal: at most 10%", ha="right", fontsize=8, color="grey")
     ssim = {int(r["epsilon"]): r["ssim_median"] for r in rows if r["study"] == "default"}
@@ -74,7 +76,8 @@ def challenge_page() -> Path:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 760, "height": 760})
             page.goto(url)
-            page.wait_for_function("() => [...document.querySelectorAll('#grid img')].filter(i => i.complete && i.naturalWidth).length === 12")
+            shown = "() => [...document.querySelectorAll('#grid img')].filter(i => i.complete && i.naturalWidth).length"
+            page.wait_for_function(f"{shown} === 12")
             png = page.screenshot(full_page=True)
             browser.close()
     import io

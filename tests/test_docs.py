@@ -62,7 +62,8 @@ def _command_paths(command, prefix=("asirra",)):
 
 def test_the_cli_reference_has_every_command(built_site):
     html = (built_site / "reference" / "cli" / "index.html").read_text()
-    missing = [" ".join(p) for p in _command_paths(get_command(app)) if len(p) > 1 and f'id="{"-".join(p)}"' not in html]
+    paths = [p for p in _command_paths(get_command(app)) if len(p) > 1]  # the root is the page's own heading
+    missing = [" ".join(p) for p in paths if f'id="{"-".join(p)}"' not in html]
     assert not missing
 
 

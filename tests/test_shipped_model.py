@@ -57,9 +57,10 @@ def test_onnx_fp32_equals_pytorch_and_int8_gives_the_same_answers_on_shared_phot
     p_torch, p_fp32, p_int8 = (clf.proba_from_logits(clf.logits(pixels))[:, 1] for clf in (torch_clf, fp32, int8))
 
     assert p_torch.min() < 0.05 and p_torch.max() > 0.95  # confident outputs on both classes are compared
-    # docs/results/performance.md: 7.1e-7 at most over 300 images; 1e-4 leaves room for thread-count rounding, not for a wrong graph.
+    # 7.1e-7 at most over 300 images (docs/results/performance.md); 1e-4 leaves room for thread-count
+    # rounding, not for a wrong graph.
     assert np.abs(p_fp32 - p_torch).max() < 1e-4
-    # int8 moves probabilities by ~5e-4 on average, 0.03-0.07 at most (docs/results/performance.md); it must not flip an answer.
+    # int8 moves probabilities by ~5e-4 on average, 0.03-0.07 at most (docs/results/performance.md): no answer may flip.
     assert ((p_int8 >= 0.5) == (p_fp32 >= 0.5)).all(), np.c_[p_fp32, p_int8][(p_int8 >= 0.5) != (p_fp32 >= 0.5)]
     assert np.abs(p_int8 - p_fp32).mean() < 0.01 and np.abs(p_int8 - p_fp32).max() < 0.1
     assert not np.allclose(int8.logits(pixels), fp32.logits(pixels), atol=1e-4)  # it really is the quantized net

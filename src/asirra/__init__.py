@@ -50,8 +50,9 @@ if TYPE_CHECKING:  # what type checkers and the API reference see; at run time _
     from asirra.predict import Classifier
 
 # Names that import torch (or FastAPI) when first used: loaded from asirra.api then.
-_LAZY = ("Classifier", "EvaluationResult", "ExplainReport", "ImageSource", "TrainResult", "attack", "check_data", "create_app",
-         "cross_validate", "evaluate", "explain", "harden", "load_model", "show_data", "solve", "train", "tune")
+_LAZY = ("Classifier", "EvaluationResult", "ExplainReport", "ImageSource", "TrainResult", "attack", "check_data",
+         "create_app", "cross_validate", "evaluate", "explain", "harden", "load_model", "show_data", "solve", "train",
+         "tune")
 
 __all__ = ["__version__", "CAT", "DOG", "CLASS_NAMES", "ImageSource", "UserError", "TrainConfig", "Classifier",
            "load_model", "check_data", "show_data", "train", "TrainResult", "evaluate", "EvaluationResult",

@@ -448,10 +448,10 @@ class EvaluationResult:
         return summary_lines(self.metrics, self.files)
 
 
-def evaluate(model: Classifier | TrainResult | PathLike | None = None, data: PathLike | None = None, /, *, split: PathLike | None = None,
-             limit: int | None = None, out: PathLike = "runs/evaluate", challenges: int = SIMULATED_CHALLENGES,
-             explain: bool = True, seed: int = 0, backend: str = DEFAULT_BACKEND, tta: bool | None = None
-             ) -> EvaluationResult:
+def evaluate(model: Classifier | TrainResult | PathLike | None = None, data: PathLike | None = None, /, *,
+             split: PathLike | None = None, limit: int | None = None, out: PathLike = "runs/evaluate",
+             challenges: int = SIMULATED_CHALLENGES, explain: bool = True, seed: int = 0,
+             backend: str = DEFAULT_BACKEND, tta: bool | None = None) -> EvaluationResult:
     """Score a model on labelled images, and draw what it got right and wrong.
 
     Accuracy, log loss, AUC and the confusion matrix; for the cat/dog model also the share of random
@@ -495,8 +495,9 @@ def evaluate(model: Classifier | TrainResult | PathLike | None = None, data: Pat
                             unusable=preds.unusable)
 
 
-def explain(images: PathLike | Sequence[PathLike], /, *, model: Classifier | PathLike | None = None, target: str | None = None,
-            limit: int | None = None, seed: int = 0, out: PathLike = "runs/explain") -> ExplainReport:
+def explain(images: PathLike | Sequence[PathLike], /, *, model: Classifier | PathLike | None = None,
+            target: str | None = None, limit: int | None = None, seed: int = 0,
+            out: PathLike = "runs/explain") -> ExplainReport:
     """Draw Grad-CAM maps: where in each picture the model found its evidence.
 
     One overlay PNG per image (the map over the photo, its peak marked), `grid.png` of the first 24,
@@ -578,9 +579,9 @@ def create_app(pool: PathLike, /, *, safeguard: str = DEFAULT_SAFEGUARD, setting
                      sites=load_sites(os.fspath(sites)) if sites is not None else None)
 
 
-def attack(url: str, /, n: int = 100, *, model: Classifier | PathLike | None = None, backend: str = DEFAULT_BACKEND, target: str = "cat",
-           concurrency: int = 1, timeout: float = 30.0, max_wait: float = DEFAULT_MAX_WAIT, preprocess: str = "none",
-           progress: bool = False) -> AttackReport:
+def attack(url: str, /, n: int = 100, *, model: Classifier | PathLike | None = None, backend: str = DEFAULT_BACKEND,
+           target: str = "cat", concurrency: int = 1, timeout: float = 30.0, max_wait: float = DEFAULT_MAX_WAIT,
+           preprocess: str = "none", progress: bool = False) -> AttackReport:
     """Solve a running service's challenges over HTTP with a classifier, as a bot would.
 
     The bot uses only the public API, with a cookie jar per concurrent worker, and waits out

@@ -32,7 +32,8 @@ def deprecated(since: str, removed_in: str, instead: str) -> Callable[[F], F]:
             warnings.warn(message, FutureWarning, stacklevel=2)
             return function(*args, **kwargs)
 
-        warned.__doc__ = f"Deprecated since {since}, removed in {removed_in}: use {instead}.\n\n{function.__doc__ or ''}"
+        notice = f"Deprecated since {since}, removed in {removed_in}: use {instead}."
+        warned.__doc__ = f"{notice}\n\n{function.__doc__ or ''}"
         return warned  # type: ignore[return-value]
 
     return wrap

@@ -30,11 +30,13 @@ class HardenConfig:
     Checked when made; `asirra.harden(..., **options)` takes the same names."""
 
     method: str = "fgsm"
-    """Fgsm, pgd, random-target / balanced-target (label-independent targets), feature, universal or universal-uncertain (one pattern for every image)"""
+    """fgsm, pgd, random-target / balanced-target (label-independent targets), feature, universal or universal-
+    uncertain (one pattern for every image)"""
     epsilon: float = 4 / 255
     """L-infinity bound as a fraction of the 0..255 range."""
     surrogates: tuple[str, ...] = ("effnet-lite0",)
-    """The defender's models the perturbation is crafted against: run folders, registry names (runs/surrogates/NAME) or "shipped" (the attacker's own model: white-box rows only)"""
+    """The defender's models the perturbation is crafted against: run folders, registry names (runs/surrogates/NAME) or
+    "shipped" (the attacker's own model: white-box rows only)"""
     steps: int | None = None
     """None: DEFAULT_STEPS[method]."""
     eot: int = 2

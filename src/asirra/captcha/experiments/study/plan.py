@@ -50,7 +50,8 @@ class StudyConfig:
     epsilons: tuple[int, ...] = (0, 2, 4, 8, 16)
     """In 0..255 units."""
     attackers: tuple[str, ...] = (SHIPPED,)
-    """"shipped", model folders, or attacker-ladder names (lite2-probe, bought-labels, adv-trained, passed-challenges, seed-cnn-alt)"""
+    """"shipped", model folders, or attacker-ladder names (lite2-probe, bought-labels, adv-trained, passed-challenges,
+    seed-cnn-alt)"""
     preprocess: tuple[str, ...] = ("none", "jpeg:75", "median:3")
     """The attackers' counter-moves; + chains steps, e.g. jpeg:75+median:3."""
     surrogates: tuple[str, ...] = ("effnet-lite0",)
@@ -68,11 +69,13 @@ class StudyConfig:
     # Crafting images (outside the surrogates' training subset) an adaptive attacker may learn from,
     # hardened like the served pool at each setting; the hidden set stays hidden from it too.
     attacker_pool: int = 300
-    """Crafting images (outside the surrogates' training share) an adaptive attacker may learn from, hardened like the served pool at each setting."""
+    """Crafting images (outside the surrogates' training share) an adaptive attacker may learn from, hardened like the
+    served pool at each setting."""
     # The classic baseline: random distortions (asirra.captcha.defend.distort kinds, "kind" or "kind:strength"),
     # served and attacked like the hardened pools; not bounded in L-infinity, so they have no epsilon.
     baselines: tuple[str, ...] = ()
-    """The classic baseline: random distortions ("kind" or "kind:strength"), served and attacked like the hardened pools."""
+    """The classic baseline: random distortions ("kind" or "kind:strength"), served and attacked like the hardened
+    pools."""
     machine_cost: float = MACHINE_COST_PER_HOUR
     """Dollars per 2-vCPU hour, for the bot's cost per thousand passes."""
     seed: int = 0
@@ -102,7 +105,8 @@ class StudyConfig:
 
 
 def quick_config(**overrides) -> StudyConfig:
-    """A study in a few minutes: a tiny hidden set, 2 epsilons, fgsm, a noise baseline, one counter-move, a toy surrogate."""
+    """A study in a few minutes: a tiny hidden set, 2 epsilons, fgsm, a noise baseline, one counter-move, a toy
+    surrogate."""
     base = StudyConfig(scored=24, craft_limit=48, methods=("fgsm",), epsilons=(0, 8), preprocess=("none", "jpeg:75"),
                        surrogates=("seed-cnn",), surrogate_epochs=1, eot=1, live_challenges=12, baselines=("noise",))
     return replace(base, **overrides)

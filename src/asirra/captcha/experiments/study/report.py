@@ -32,9 +32,11 @@ class StudyResult:
     cells: list[dict]
     """One record per setting x attacker x counter-move: per-image accuracy and p^12 with 95% intervals, SSIM, PSNR."""
     live: list[dict]
-    """One record per live attack: pass rate among answered with its interval, passes per hour, the bot's cost per thousand passes."""
+    """One record per live attack: pass rate among answered with its interval, passes per hour, the bot's cost per
+    thousand passes."""
     goal: dict
-    """The goal check: is there a setting where the strongest attacker passes <= 10% of live challenges at a median SSIM >= 0.90 ("met"), and which came closest."""
+    """The goal check: is there a setting where the strongest attacker passes <= 10% of live challenges at a median
+    SSIM >= 0.90 ("met"), and which came closest."""
     unbuilt: list = field(default_factory=list)
     """Adaptive attackers that could not be built, and why."""
     attacker_pool: int = 0
