@@ -107,7 +107,7 @@ else:
 pools = {}
 for eps in (4, 8):
     pools[eps] = asirra.harden(TRAIN, OUT / f"hardened-{eps}", method="fgsm", epsilon=f"{eps}/255",
-                               surrogates=[surrogate], limit=POOL // 2, seed=0)
+                               surrogates=[surrogate], limit=16 if QUICK else POOL // 2, seed=0)
 rows = []
 for eps, pool in pools.items():
     app = asirra.create_app(pool.out, settings=settings, safeguard="none")
