@@ -21,10 +21,10 @@
 # original stopped: the same classifiers against an Asirra CAPTCHA, served, solved, attacked and
 # hardened on this machine.
 #
-# **Sizes.** By default it trains on a few thousand images: 572 s on two CPU cores shared with other
-# jobs (load average about 11, 2026-12-07; less on a quiet machine). With `ASIRRA_QUICK=1` in the
-# environment it runs at the test suite's size (a few hundred images, one epoch: 118-139 s under load
-# 7); the numbers are then only a smoke test.
+# **Sizes.** By default it trains on a few thousand images: 408 s on two CPU cores shared with other
+# jobs (load average about 3.5, empty caches, 2026-12-07). With `ASIRRA_QUICK=1` in the environment
+# it runs at the test suite's size (a few hundred images, one epoch: 67 s at the same load); the
+# numbers are then only a smoke test.
 #
 # **Data.** The Kaggle Dogs-vs-Cats photos, looked up as the command line does: `$ASIRRA_DATA`,
 # `./data/dogs-vs-cats`, `../shared/datasets/dogs-vs-cats` (`asirra download` fetches Microsoft's

@@ -18,7 +18,7 @@
 # would pass about once in 54,000 tries. This notebook runs such a service on this machine and looks
 # at it from both sides with asirra's public API. The default size took 352 s on two CPU cores shared
 # with other jobs (load average about 9, 2026-12-07); `ASIRRA_QUICK=1` runs it at the test suite's
-# size (100-108 s under load 7).
+# size (67 s at load 3.5).
 
 # %%
 import os
