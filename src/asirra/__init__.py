@@ -25,6 +25,15 @@ def solve(images, model=None, backend: str = DEFAULT_BACKEND):
     return _classifier(None if model is None else str(model), backend).solve(images)
 
 
+def engine(model=None, backend: str = DEFAULT_BACKEND) -> dict:
+    """What `solve(images, model, backend)` runs on: {"backend", "kernels", "threads", ...}.
+
+    For the int8 backend, "kernels" is the int8 kernel path chosen for this CPU ("avx512-vnni", "avx-vnni",
+    "amx": fast; "exact-u8u8" on CPUs without VNNI, or when ASIRRA_INT8_KERNELS=exact) and "reason" says why.
+    """
+    return _classifier(None if model is None else str(model), backend).engine
+
+
 @functools.lru_cache(maxsize=4)
 def _classifier(model, backend):
     # Loading verifies the weights and opens an ONNX session (~1 s): once per model, not per call.
@@ -33,4 +42,4 @@ def _classifier(model, backend):
     return load_classifier(model, backend=backend)
 
 
-__all__ = ["CAT", "DOG", "CLASS_NAMES", "solve", "__version__"]
+__all__ = ["CAT", "DOG", "CLASS_NAMES", "engine", "solve", "__version__"]

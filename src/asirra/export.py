@@ -57,7 +57,7 @@ def quantize_beside_weights(module: nn.Module, folder: Path, calibration: np.nda
 
     Static quantization (QDQ) of the fp32 export. The Lite networks were designed for it (ReLU6,
     no squeeze-excite): on AVX-512 VNNI cores it runs ~2x faster at the same validation accuracy
-    (README). CPUs without VNNI need onnx_session's exact kernels to compute what this file says.
+    (README). CPUs without VNNI need exact kernels to compute what this file says (asirra.cpu, onnx_session).
     `calibration` is uint8 pixels (N, S, S, 3) of typical images; a few hundred suffice.
     """
     import tempfile
@@ -135,20 +135,24 @@ def onnx_beside_weights(module: nn.Module, folder: Path | None, backend: str = "
     return path if fresh else None
 
 
-def onnx_session(path: Path, threads: int | None = None, spinning: bool = False):
+def onnx_session(path: Path, threads: int | None = None, spinning: bool = False, kernels=None):
+    """An ONNX Runtime session on the CPU; `kernels` (asirra.cpu.KernelChoice) says whether int8 graphs run on
+    exact uint8 x uint8 kernels, by default this machine's choice (`asirra.cpu.int8_kernels`)."""
     import onnxruntime as ort
 
+    from asirra.cpu import int8_kernels
+
+    kernels = kernels or int8_kernels()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # Idle threads sleep rather than spin: faster on 2 busy cores (benchmarks/README.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    # x86 CPUs without VNNI (AVX2 only, as AMD EPYC before Zen 4) multiply uint8 by int8 with vpmaddubsw,
-    # whose 16-bit pair sums saturate: the int8 Lite networks then drift far from what their QDQ graph
-    # says (logit correlation 0.77 on the int8 test's model). This makes ONNX Runtime use exact uint8 x uint8
-    # kernels on those CPUs only; VNNI CPUs keep their fast path, fp32 models are untouched.
-    options.add_session_config_entry("session.x64quantprecision", "1")
+    if kernels.exact:
+        # CPUs without VNNI saturate uint8 x int8 pair sums: exact kernels there (asirra.cpu says why and where).
+        # fp32 graphs have no quantized nodes for the option to touch.
+        options.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -157,9 +157,32 @@ class Classifier:
     # -- ONNX --------------------------------------------------------------------------------
 
     def _onnx_session(self):
+        from asirra.cpu import int8_kernels
         from asirra.export import onnx_session
 
-        return onnx_session(self.onnx_path())
+        return onnx_session(self.onnx_path(), kernels=int8_kernels())
+
+    @property
+    def engine(self) -> dict:
+        """What computes the answers: the backend, its kernel path and threads (what `--json` and benchmarks report).
+
+        kernels: for onnx-int8 the int8 kernel path (asirra.cpu: "avx512-vnni", "exact-u8u8", ...) and why;
+        "fp32" for fp32 ONNX, "torch" for PyTorch.
+        """
+        if self._session is None:
+            return {"backend": self.backend, "kernels": "torch", "threads": torch.get_num_threads(),
+                    "torch": torch.__version__}
+        import onnxruntime
+
+        from asirra.cpu import int8_kernels
+
+        options = self._session.get_session_options()
+        engine = {"backend": self.backend, "kernels": "fp32", "threads": options.intra_op_num_threads,
+                  "onnxruntime": onnxruntime.__version__}
+        if self.backend == "onnx-int8":
+            choice = int8_kernels()
+            engine.update(kernels=choice.path, exact_int8=choice.exact, reason=choice.reason)
+        return engine
 
     def onnx_path(self) -> Path:
         """The model's ONNX file: the export beside the weights if made from them, else one cached per weights.

@@ -64,26 +64,41 @@ def predict_command(
                                                       "other models: add one p_<class> column per class."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first predictions."),
     tta: TtaOption = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission, or id,label for other classes)."""
-    from asirra.calibration import describe_row
+    """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission, or id,label for other classes).
+
+    With --json: one object naming the engine that answered (backend, int8 kernel path, threads) beside the
+    image's label and probabilities, or beside the folder's CSV path and counts."""
+    from asirra.calibration import describe_row, predicted_index
     from asirra.data import scan
     from asirra.predict import load_classifier, plot_predictions, predict_refs, write_predictions
 
     if path.is_file() and path.suffix.lower() != ".zip":
         classifier = load_classifier(model, backend=backend, tta=tta)
-        typer.echo(describe_row(classifier.predict_proba([path])[0], classifier.classes))
+        row = classifier.predict_proba([path])[0]
+        if as_json:
+            label = classifier.classes[int(predicted_index(row[None])[0])]  # the package's one decision rule
+            emit_json({"image": str(path), "label": label,
+                       "proba": {c: float(p) for c, p in zip(classifier.classes, row)}, "engine": classifier.engine})
+            return
+        typer.echo(describe_row(row, classifier.classes))
         return
     refs = scan(path, labelled=False)
     classifier = load_classifier(model, backend=backend, tta=tta)
-    preds = predict_refs(classifier, refs)
+    preds = predict_refs(classifier, refs, progress=not as_json)
     report_skips(preds.unusable)
     out = out or Path("submission.csv")
     write_predictions(preds, out, proba=proba)
+    grid_path = plot_predictions(preds, grid) if grid is not None else None
+    if as_json:
+        emit_json({"predictions": len(preds.refs), "out": str(out), "skipped": preds.unusable,
+                   "grid": None if grid_path is None else str(grid_path), "engine": classifier.engine})
+        return
     skipped = f" ({len(preds.unusable)} unreadable skipped)" if preds.unusable else ""
     typer.echo(f"{len(preds.refs)} predictions -> {out}{skipped}")
-    if grid is not None:
-        typer.echo(f"grid: {plot_predictions(preds, grid)}")
+    if grid_path is not None:
+        typer.echo(f"grid: {grid_path}")
 
 
 def explain_command(
