@@ -15,6 +15,7 @@ from asirra.errors import ConfigError
 
 _RENDER = RenderSettings()
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+RENDERERS = ("auto", "pillow")
 DEFAULT_SAFEGUARD = "none"  # the verdict policy `asirra serve` starts with (asirra.captcha.safeguards)
 
 
@@ -36,6 +37,10 @@ class ServiceSettings:
     image_side: tuple[int, int] = _RENDER.image_side  # longest side of a served image, drawn per request
     image_quality: tuple[int, int] = _RENDER.image_quality
     max_crop: float = _RENDER.max_crop  # fraction trimmed from each edge, drawn per request
+    # Decoded pool photos kept in memory per worker, at most this many MiB (~0.12 MiB per photo: a 500-photo
+    # pool takes ~60 MiB); 0 decodes every serving. Served bytes are fresh either way.
+    image_cache_mb: float = 256.0
+    renderer: str = "auto"  # "auto": OpenCV resize + simplejpeg encode where installed, else Pillow; "pillow"
     seed: int | None = None  # which challenges are drawn; never the tokens or the image jitter
     secret: bytes | None = None  # master key for cookies and pass tokens; random per process when None
     redis_url: str | None = None  # the shared store; None keeps state in this process
@@ -60,6 +65,10 @@ class ServiceSettings:
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ServiceError(f"{name} must be a range (low, high) with 0 < low <= high")
+        if not self.image_cache_mb >= 0:
+            raise ServiceError(f"image_cache_mb must be 0 or more, got {self.image_cache_mb!r}")
+        if self.renderer not in RENDERERS:
+            raise ServiceError(f"unknown renderer {self.renderer!r}; choose {', '.join(RENDERERS)}")
         if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ServiceError(f"--redis must be a redis://HOST:PORT/DB URL, got {self.redis_url!r}")
         object.__setattr__(self, "trusted_proxies", tuple(proxy_network(p) for p in self.trusted_proxies))
