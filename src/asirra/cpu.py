@@ -142,8 +142,7 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
         info.update(flags=_macos_flags(), flags_source="sysctl")
     if info["flags"] is None:
         info.update(flags=numpy_cpu_flags(), flags_source="numpy")
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return {**info, "machine": platform.machine(), "cores": len(cores) if cores else os.cpu_count()}
+    return {**info, "machine": platform.machine(), "cores": os.cpu_count()}
 
 
 def describe_cpu() -> dict:

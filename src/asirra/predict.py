@@ -52,7 +52,7 @@ class Classifier:
     names, and `solve(sources)` for a CAPTCHA challenge ("select every cat", or every `target` class)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND, folder: Path | None = None,
-                 tta: bool | None = None):
+                 tta: bool | None = None, kernels=None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         backend = resolve_backend(backend, model, folder)
@@ -64,6 +64,8 @@ class Classifier:
         self.classes = tuple(str(c) for c in config.classes)  # label order: column i of the probabilities
         self.target = CLASS_NAMES[CAT]  # what solve() selects; see select()
         self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+        # The int8 kernel path (asirra.cpu.KernelChoice): this machine's choice unless given (benchmarks compare both).
+        self.kernels = kernels
         self._session = self._onnx_session() if backend.startswith("onnx") else None
 
     # -- pixels in, logits out ---------------------------------------------------------------
@@ -160,7 +162,8 @@ class Classifier:
         from asirra.cpu import int8_kernels
         from asirra.export import onnx_session
 
-        return onnx_session(self.onnx_path(), kernels=int8_kernels())
+        self.kernels = self.kernels or int8_kernels()
+        return onnx_session(self.onnx_path(), kernels=self.kernels)
 
     @property
     def engine(self) -> dict:
@@ -174,14 +177,11 @@ class Classifier:
                     "torch": torch.__version__}
         import onnxruntime
 
-        from asirra.cpu import int8_kernels
-
         options = self._session.get_session_options()
         engine = {"backend": self.backend, "kernels": "fp32", "threads": options.intra_op_num_threads,
                   "onnxruntime": onnxruntime.__version__}
         if self.backend == "onnx-int8":
-            choice = int8_kernels()
-            engine.update(kernels=choice.path, exact_int8=choice.exact, reason=choice.reason)
+            engine.update(kernels=self.kernels.path, exact_int8=self.kernels.exact, reason=self.kernels.reason)
         return engine
 
     def onnx_path(self) -> Path:
