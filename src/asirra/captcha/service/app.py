@@ -46,7 +46,6 @@ from asirra.captcha.service.images import ImageServer
 from asirra.captcha.service.settings import ServiceError, ServiceSettings
 from asirra.captcha.service.store import (
     Closed,
-    Full,
     Limit,
     MemoryStore,
     RedisStore,
@@ -111,8 +110,6 @@ def refusal(exc: StoreError, unknown: str = "unknown challenge") -> ApiError:
         return ApiError(410, "challenge expired" if exc.reason == "expired" else "challenge was replaced by a newer one")
     if isinstance(exc, Unknown):
         return ApiError(404, unknown)
-    if isinstance(exc, Full):
-        return ApiError(503, "the server is busy; try again shortly", retry_after=5)
     if isinstance(exc, Unavailable):
         log.error("store unavailable: %s", exc)
         return ApiError(503, "the challenge store is unavailable; try again shortly", retry_after=2)
