@@ -19,7 +19,9 @@ X-Forwarded-For from 127.0.0.1, the one trusted proxy (`ServiceSettings.trusted_
    the server's memory before and after;
 4. --addresses distinct addresses, one request each: the rate tables stop at max_clients (memory measured);
 5. --hoarders addresses asking for challenges to their burst and never answering: outstanding challenges stop at
-   max_challenges (memory measured); then what the people get while the table is full.
+   max_challenges (memory measured); then what the people get while the table is full;
+6. (in-process store) the store's own memory by tracemalloc after --store-refusals refusals from one address
+   (default a million), --addresses addresses' buckets and 50,000 challenges abandoned by as many addresses.
 The server's output is searched for tracebacks and errors; every status the clients saw is reported.
 """
 
@@ -202,6 +204,51 @@ def warm(server: Server, challenges: int = 10, addresses: int = 30) -> None:
     asyncio.run(bounded())
 
 
+def store_memory(pool: list, refusals: int, addresses: int, abandoned: int) -> dict:
+    """The in-process store's own memory (tracemalloc) after a million refusals from one address, many addresses'
+    rate buckets, and challenges abandoned by many addresses: every table stops at its bound."""
+    import tracemalloc
+
+    from asirra.captcha.challenge import draw_indices
+    from asirra.captcha.safeguards import make_safeguard
+    from asirra.captcha.service.app import make_store
+    from asirra.captcha.service.settings import ServiceSettings
+    from asirra.data import ImageRef
+
+    settings = ServiceSettings(seed=0)
+    refs = [ImageRef(source, label, ref_id) for source, label, ref_id in pool]
+    rng = np.random.default_rng(0)
+
+    async def run() -> dict:
+        tracemalloc.start()
+        store = make_store(refs, make_safeguard("none"), settings, None)
+        start = tracemalloc.get_traced_memory()[0]
+        cpu = time.process_time()
+        for _ in range(refusals):
+            await store.spend("request", "203.0.113.7")
+        spend_us = (time.process_time() - cpu) * 1e6 / refusals
+        after_refusals = tracemalloc.get_traced_memory()[0]
+        for i in range(addresses):
+            await store.spend("request", address(i))
+            await store.spend("challenge", address(i))
+        after_addresses = tracemalloc.get_traced_memory()[0]
+        for i in range(abandoned):
+            await store.issue(address(i), draw_indices(len(refs), rng), None)
+        after_abandoned = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        buckets = {kind: len(limiter._buckets) for kind, limiter in store._limits.items()}
+        return {"refusals": refusals, "us_per_spend_traced": spend_us,
+                "kib_after_refusals": (after_refusals - start) / 1024,
+                "addresses": addresses, "buckets": buckets, "max_clients": settings.max_clients,
+                "mib_after_addresses": (after_addresses - after_refusals) / 2**20,
+                "bytes_per_bucket": (after_addresses - after_refusals) / max(1, sum(buckets.values())),
+                "abandoned_issued": abandoned, "outstanding": len(store), "max_challenges": settings.max_challenges,
+                "mib_after_abandoned": (after_abandoned - after_addresses) / 2**20,
+                "bytes_per_outstanding_challenge": (after_abandoned - after_addresses) / max(1, len(store))}
+
+    return asyncio.run(run())
+
+
 def errors_in(output: str) -> dict:
     return {"tracebacks": output.count("Traceback"), "error_lines": len(re.findall(r"^ERROR", output, re.M)),
             "5xx_in_log": len(re.findall(r'" 5\d\d ', output))}
@@ -216,6 +263,8 @@ def main() -> None:
     parser.add_argument("--refusals", type=int, default=200_000, help="refusals in the unpaced phase")
     parser.add_argument("--addresses", type=int, default=120_000, help="distinct addresses in phase 4")
     parser.add_argument("--hoarders", type=int, default=2_000, help="addresses hoarding challenges in phase 5")
+    parser.add_argument("--store-refusals", type=int, default=1_000_000,
+                        help="refusals from one address spent on the in-process store directly (its memory)")
     parser.add_argument("--redis", action="store_true", help="the Redis store (a private redis-server) instead of in-process")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -284,6 +333,9 @@ def main() -> None:
                 redis_process.terminate()
                 redis_process.wait(10)
     result["server_log"] = errors_in(output)
+    if not args.redis:
+        say(f"the store's own memory: {args.store_refusals} refusals, {args.addresses} addresses, 50,000 abandoned ...")
+        result["store_memory"] = store_memory(config["pool"], args.store_refusals, args.addresses, 50_000)
     base, fl = result["baseline"], result["flood"]
     refused = fl["flood_statuses"].get(429, 0)
     extra = fl["server_cpu_seconds"] - base["server_cpu_seconds"] * fl["seconds"] / base["seconds"]
@@ -330,6 +382,14 @@ def print_summary(s: dict) -> None:
           f"{h['people_then'].get('succeeded')}/{h['people_then'].get('challenges')} through, {dict(h['people_statuses'])}")
     print("server RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in s["rss_mib"].items()))
     print(f"server log: {s['server_log']}")
+    if "store_memory" in s:
+        m = s["store_memory"]
+        print(f"the in-process store itself (tracemalloc): {m['refusals']:,} refusals from one address +"
+              f"{m['kib_after_refusals']:.1f} KiB; {m['addresses']:,} addresses -> buckets {m['buckets']} (bound "
+              f"{m['max_clients']:,}), +{m['mib_after_addresses']:.1f} MiB ({m['bytes_per_bucket']:.0f} B each); "
+              f"{m['abandoned_issued']:,} abandoned challenges -> {m['outstanding']:,} outstanding (bound "
+              f"{m['max_challenges']:,}), +{m['mib_after_abandoned']:.1f} MiB "
+              f"({m['bytes_per_outstanding_challenge']:.0f} B each)")
 
 
 if __name__ == "__main__":
