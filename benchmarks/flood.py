@@ -48,8 +48,9 @@ FLOOD = "127.0.0.3"
 PROXY = "127.0.0.1"  # the trusted proxy: its X-Forwarded-For names the client
 
 
-def build_flood_config(data: str, pool_size: int, secret_file: str, redis_url: str | None) -> dict:
-    """The pool and the service's default limits; 127.0.0.1 a trusted proxy."""
+def build_flood_config(data: str, pool_size: int, secret_file: str, redis_url: str | None,
+                       max_challenges: int | None = None) -> dict:
+    """The pool and the service's default limits (but `max_challenges` if given); 127.0.0.1 a trusted proxy."""
     from asirra.captcha.safeguards import make_safeguard
     from asirra.captcha.service.app import usable_pool
     from asirra.captcha.service.run import worker_config
@@ -59,7 +60,8 @@ def build_flood_config(data: str, pool_size: int, secret_file: str, redis_url: s
     refs = scan(data, labelled=True)
     picks = np.random.default_rng(0).choice(len(refs), size=min(pool_size, len(refs)), replace=False)
     pool = usable_pool([refs[i] for i in sorted(picks)], progress=False)
-    settings = ServiceSettings(seed=0, trusted_proxies=(PROXY,), redis_url=redis_url)
+    settings = ServiceSettings(seed=0, trusted_proxies=(PROXY,), redis_url=redis_url,
+                               **({"max_challenges": max_challenges} if max_challenges else {}))
     return worker_config(pool, make_safeguard("none"), settings, secret_file, None)
 
 
@@ -263,6 +265,8 @@ def main() -> None:
     parser.add_argument("--refusals", type=int, default=200_000, help="refusals in the unpaced phase")
     parser.add_argument("--addresses", type=int, default=120_000, help="distinct addresses in phase 4")
     parser.add_argument("--hoarders", type=int, default=2_000, help="addresses hoarding challenges in phase 5")
+    parser.add_argument("--max-challenges", type=int, default=None,
+                        help="outstanding challenges the service holds (default: its own, 10,000)")
     parser.add_argument("--store-refusals", type=int, default=1_000_000,
                         help="refusals from one address spent on the in-process store directly (its memory)")
     parser.add_argument("--redis", action="store_true", help="the Redis store (a private redis-server) instead of in-process")
@@ -284,7 +288,7 @@ def main() -> None:
             os.sched_setaffinity(0, {load_core})
             if redis_process:
                 os.sched_setaffinity(redis_process.pid, {server_core})
-        config = build_flood_config(args.data, args.pool, str(secret), redis_url)
+        config = build_flood_config(args.data, args.pool, str(secret), redis_url, args.max_challenges)
         server = Server(config, core=server_core).start(folder)
         try:
             say("warming the image cache ...")

@@ -433,9 +433,10 @@ def main() -> None:
         secret = folder / "secret"
         secret.write_text("serve-cost secret, only ever on loopback, 32+ bytes")
         config = build_config(args.data, args.pool, 10 * (args.challenges + args.warmup) + 10_000, str(secret))
-        redis_process, redis_url = start_redis(folder)
+        redis_process, redis_url = start_redis(folder) if any(arm[1] == "redis" for arm in arms) else (None, None)
         if server_core is not None:
-            os.sched_setaffinity(redis_process.pid, {server_core})  # Redis's CPU is the defender's too
+            if redis_process:
+                os.sched_setaffinity(redis_process.pid, {server_core})  # Redis's CPU is the defender's too
             os.sched_setaffinity(0, {load_core})
         try:
             limit = floor(config)
@@ -454,8 +455,9 @@ def main() -> None:
                                                **measure(server, folder, args.challenges, args.warmup, concurrency,
                                                          redis_process.pid if store == "redis" else None)}
         finally:
-            redis_process.terminate()
-            redis_process.wait(10)
+            if redis_process:
+                redis_process.terminate()
+                redis_process.wait(10)
     headline = runs.get(f"this: {HEADLINE}", {}).get("server_cpu_ms_per_challenge")
     summary = {"server_cpu_ms_per_challenge": headline, "machine": machine(load_before, server_core, load_core),
                "pool": args.pool, "challenges": args.challenges, "warmup": args.warmup,

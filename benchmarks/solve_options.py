@@ -9,8 +9,9 @@ does not inflate) and its decode / network split:
 - int8 at 300 px on the exact kernels (ASIRRA_INT8_KERNELS=exact; what CPUs without VNNI run),
 - fp32 at 300 px (`backend="onnx"`),
 - int8 at 260 px, EfficientNet-Lite2's native resolution: the shipped weights re-exported at 260 and
-  re-calibrated on 256 test1 photos (as `make model` calibrates), no retraining (a folder in --out that
-  `asirra.solve(files, model=FOLDER)` takes),
+  re-calibrated on 256 test1 photos (as `make model` calibrates), no retraining: what
+  `asirra export --image-size 260 --out FOLDER --int8 --calibration test1/` makes, for
+  `asirra.solve(files, model=FOLDER)`,
 - int8 at 300 px with one ONNX Runtime thread instead of all cores.
 Accuracy: each engine's on the shipped model's validation images (src/asirra/weights/split.json: never
 trained on), with Wilson 95% intervals, and the share of simulated 12-image challenges it passes.
@@ -19,7 +20,6 @@ trained on), with Wilson 95% intervals, and the share of simulated 12-image chal
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -36,19 +36,17 @@ SHARED = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats"
 
 
 def native_resolution_model(out: Path, size: int, calibration: Path) -> Path:
-    """The shipped weights as a model folder for `size` px with its own int8 export (made once, then reused)."""
-    from asirra.export import calibration_pixels, onnx_beside_weights, quantize_beside_weights
-    from asirra.models import default_model_path, load_model, save_model
+    """The shipped weights as a model folder for `size` px with its own int8 export, as
+    `asirra export --image-size SIZE --out FOLDER --int8 --calibration test1/` makes it (made once, then reused)."""
+    from asirra.export import export_model, onnx_beside_weights
+    from asirra.models import load_model
 
     folder = out / f"lite2-{size}"
     if (folder / "model.json").exists():
         net, _ = load_model(folder)
         if onnx_beside_weights(net, folder, "onnx-int8") is not None:
             return folder
-    net, config = load_model(default_model_path())
-    save_model(net, dataclasses.replace(config, image_size=size), folder, half=True)
-    net, _ = load_model(folder)  # the fp16 weights as they will be served, as package_model does
-    quantize_beside_weights(net, folder, calibration_pixels(calibration, size))
+    export_model(None, int8=True, calibration=calibration, image_size=size, out=folder)
     return folder
 
 
