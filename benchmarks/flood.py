@@ -172,20 +172,27 @@ def latency_summary(samples: list) -> dict:
             **{q: float(np.percentile(times, int(q[1:]))) for q in ("p50", "p90", "p99")}, "max": max(times)}
 
 
+def flood_process(port: int, seconds: float, rate: float, results) -> None:
+    """The paced flood in a process of its own: its event loop must not delay the people's (in the parent)."""
+    statuses = Statuses()
+    sent = asyncio.run(flood(port, FLOOD, statuses, until=time.perf_counter() + seconds, rate=rate))
+    results.put((sent, dict(statuses)))
+
+
 def window(server: Server, seconds: float, flood_rate: float | None = None) -> dict:
-    """The people for `seconds`, with or without a paced flood beside them."""
-    people, flood_statuses, samples = Statuses(), Statuses(), []
+    """The people for `seconds`, with or without a paced flood (another process, the same core) beside them."""
+    import multiprocessing
 
-    async def run() -> int:
-        until = time.perf_counter() + seconds
-        jobs = [person(server.port, a, until, samples, people) for a in PEOPLE]
-        if flood_rate:
-            jobs.append(flood(server.port, FLOOD, flood_statuses, until=until, rate=flood_rate))
-        results = await asyncio.gather(*jobs)
-        return results[-1] if flood_rate else 0
-
+    people, samples = Statuses(), []
     cpu, wall = server.cpu(), time.perf_counter()
-    sent = asyncio.run(run())
+    if flood_rate:
+        results = multiprocessing.Queue()
+        flooder = multiprocessing.Process(target=flood_process, args=(server.port, seconds, flood_rate, results))
+        flooder.start()
+    asyncio.run(people_for(server.port, seconds, samples, people))
+    sent, flood_statuses = results.get(timeout=seconds + 60) if flood_rate else (0, {})
+    if flood_rate:
+        flooder.join(30)
     cpu, wall = server.cpu() - cpu, time.perf_counter() - wall
     return {"seconds": wall, "server_cpu_seconds": cpu, "people": latency_summary(samples),
             "people_statuses": people, "flood_sent": sent, "flood_statuses": flood_statuses}

@@ -362,12 +362,46 @@ def floor(config: dict, images: int = 40, repeats: int = 5) -> dict:
 
     encoder = "simplejpeg" if available("simplejpeg") else "pillow"
     encode_us = per_call(ENCODERS[encoder], resized)
+    crops = []
+    for base, jitter in cases:
+        (rows, cols), size = crop_geometry(base.shape[0], base.shape[1], jitter)
+        crops.append((np.ascontiguousarray(base[rows, cols]), size))
     return {"encoder": encoder, "median_side": statistics.median(max(r.shape[:2]) for r, _ in resized),
+            "resize_us": {name: per_call(fn, crops) for name, fn in resizers().items()},
             "jpeg_encode_us": encode_us, "jpeg_encode_x12_ms": 12 * encode_us / 1000,
             "renderer": f"{server.renderer.resizer}+{server.renderer.encoder}",
             "render_us": per_call(server.renderer.jpeg, cases),
             "pillow_render_us": per_call(Renderer("pillow", "pillow").jpeg, cases),
             "render_x12_ms": 12 * per_call(server.renderer.jpeg, cases) / 1000}
+
+
+def resizers() -> dict:
+    """The ways to resize a served copy that were weighed, each on a whole-pixel crop of the cached base."""
+    from PIL import Image
+
+    from asirra.captcha.rendering import RESIZERS, available
+
+    def pillow_filter(kind):
+        return lambda pixels, size: np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), kind))
+
+    found = {"pillow bilinear (antialiased)": RESIZERS["pillow"], "pillow box": pillow_filter(Image.Resampling.BOX),
+             "pillow nearest": pillow_filter(Image.Resampling.NEAREST)}
+    if available("opencv"):
+        found["opencv bilinear"] = RESIZERS["opencv"]
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(1)
+
+        def torch_resize(pixels, size):
+            x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+            return F.interpolate(x, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+
+        found["torch bilinear (antialiased, uint8)"] = torch_resize
+    except ImportError:
+        pass
+    return found
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -477,7 +511,8 @@ def print_summary(summary: dict) -> None:
     f = summary["floor"]
     print(f"floor: one JPEG encode ({f['encoder']}, median side {f['median_side']:.0f} px) {f['jpeg_encode_us']:.0f} us "
           f"-> {f['jpeg_encode_x12_ms']:.2f} ms per challenge; whole render ({f['renderer']}) {f['render_us']:.0f} us "
-          f"-> {f['render_x12_ms']:.2f} ms; Pillow-only render {f['pillow_render_us']:.0f} us\n")
+          f"-> {f['render_x12_ms']:.2f} ms; Pillow-only render {f['pillow_render_us']:.0f} us")
+    print("resize alone, us per served image: " + ", ".join(f"{k} {v:.0f}" for k, v in f["resize_us"].items()) + "\n")
     rows = [{"arm": name, **run, "p50": run["latency_ms"]["p50"], "p99": run["latency_ms"]["p99"],
              "kib": (run["bytes_per_challenge"] or 0) / 1024, "ok": run["statuses"].get("200", 0)}
             for name, run in summary["runs"].items()]
