@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/datasets/dogs-vs-cats
 
-.PHONY: install demo test test-fast model bench chromium redis-server clean
+.PHONY: install demo test test-fast model bench chromium redis-server nginx clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/asirra demo --data $(DATA) --out runs/demo
 
 # Everything CI runs: unit tests and the slower end-to-end tests (browser included).
-test: $(STAMP) chromium redis-server
+test: $(STAMP) chromium redis-server nginx
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -45,6 +45,11 @@ chromium:
 # Debian's redis-server for the Redis store's tests (each test starts its own on a free port); as for chromium.
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "redis-server not installed (needs root): Redis tests will skip"; }
+
+# Debian's nginx for the reverse-proxy test (it starts its own on a free loopback port); as for chromium.
+# Installed without starting Debian's own nginx on port 80: policy-rc.d says no, or RUNLEVEL=1 where there is none.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq nginx >/dev/null) || echo "nginx not installed (needs root): the reverse-proxy tests will skip"; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,7 @@
 """What a served challenge costs the defender: server CPU per challenge, measured from the server's own CPU time.
 
     python benchmarks/serve_cost.py [--data POOL] [--pool 500] [--challenges 400] [--warmup 120]
-                                    [--before SRC] [--json]
+                                    [--before [LABEL=]SRC ...] [--json]
 
 One challenge = POST /api/challenge, 12 image GETs (each a freshly cropped, resized, re-encoded JPEG),
 and a random answer: 14 requests. The service runs in its own processes pinned to one core (with its
@@ -14,8 +14,8 @@ load the server), each virtual client with its cookie and 4 connections, closed 
 Arms, in one run: in-process store with 1 worker at 1 and 8 concurrent clients, Redis with 1 worker and
 with 2 workers (both on the server core: per-challenge CPU stays comparable; worker scaling needs more
 cores than the benchmark can give the server). Rate limits are lifted (the load would hit them).
-`--before SRC` runs the same arms on another checkout's code (e.g. `git worktree add /tmp/before19 main`,
-then `--before /tmp/before19/src`) with asyncio + h11, as its install ran, in the same run.
+`--before SRC` runs the same arms on another checkout's code (e.g. `git archive main src | tar -x -C /tmp/main`,
+then `--before main=/tmp/main/src`; repeatable) with asyncio + h11, as its install ran, in the same run.
 
 It also measures the floor a served challenge is compared against: 12 JPEG encodes of served-size
 images with libjpeg-turbo on one core, and the whole per-image render (crop, resize, encode).
@@ -112,13 +112,17 @@ def serve_main(args) -> None:
 
     if args.loop != "auto" or args.http != "auto":
         uvicorn.run = functools.partial(uvicorn.run, loop=args.loop, http=args.http)
+    import inspect
+
     config = json.loads(Path(args.serve).read_text())
     known = {f.name for f in dataclasses.fields(ServiceSettings)}  # an older checkout knows fewer settings
     config["settings"] = {k: v for k, v in config["settings"].items() if k in known}
+    # No access log: one line per request would cost more than some requests (older code: an argument).
+    quiet = {"access_log": False} if "access_log" in inspect.signature(run.serve).parameters else {}
     if args.workers == 1:
-        run.serve(run.app_from_config(config), HOST, args.port, access_log=False)
+        run.serve(run.app_from_config(config), HOST, args.port, **quiet)
     else:
-        run.serve_workers(config, HOST, args.port, args.workers, access_log=False)
+        run.serve_workers(config, HOST, args.port, args.workers, **quiet)
 
 
 @dataclasses.dataclass
@@ -439,8 +443,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=500, help="images drawn from --data for the pool")
     parser.add_argument("--challenges", type=int, default=400, help="measured challenges per arm")
     parser.add_argument("--warmup", type=int, default=120, help="challenges before measuring (fills the image cache)")
-    parser.add_argument("--before", type=Path, default=None,
-                        help="another checkout's src/ to run the same arms on (asyncio + h11), e.g. main's")
+    parser.add_argument("--before", action="append", default=[], metavar="[LABEL=]SRC",
+                        help="another checkout's src/ to run the same arms on (asyncio + h11, as it installed), "
+                             "e.g. main's; repeat for more")
     parser.add_argument("--arms", default=None, help="comma-separated arm numbers to run (1-4; default all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run a server (see Server)
@@ -454,13 +459,17 @@ def main() -> None:
         return serve_main(args)
     if not Path(args.data).exists():
         sys.exit(f"error: no data at {args.data}; pass --data PATH")
-    if args.before is not None and not (args.before / "asirra" / "__init__.py").exists():
-        sys.exit(f"error: --before {args.before} is not a src/ folder holding asirra/")
+    befores = []
+    for given in args.before:
+        label, _, src = given.rpartition("=")
+        if not (Path(src) / "asirra" / "__init__.py").exists():
+            sys.exit(f"error: --before {src} is not a src/ folder holding asirra/")
+        befores.append((label or "before", Path(src), "asyncio", "h11"))
 
     server_core, load_core = cores()
     load_before = os.getloadavg()
     arms = [ARMS[int(i) - 1] for i in args.arms.split(",")] if args.arms else ARMS
-    codes = [("this", ROOT / "src", "auto", "auto")] + ([("before", args.before, "asyncio", "h11")] if args.before else [])
+    codes = [("this", ROOT / "src", "auto", "auto")] + befores
     runs = {}
     with tempfile.TemporaryDirectory(prefix="asirra-serve-cost-") as tmp:
         folder = Path(tmp)
@@ -496,7 +505,7 @@ def main() -> None:
     summary = {"server_cpu_ms_per_challenge": headline, "machine": machine(load_before, server_core, load_core),
                "pool": args.pool, "challenges": args.challenges, "warmup": args.warmup,
                "requests_per_challenge": REQUESTS_PER_CHALLENGE, "floor": limit, "runs": runs,
-               "before": str(args.before) if args.before else None}
+               "before": {label: str(src) for label, src, _, _ in befores}}
     if args.json:
         print(json.dumps(summary, indent=2))
         return

@@ -94,15 +94,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(args: list[str], log: Path, start_seconds: float = 90.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """The real `asirra serve ARGS` on a free loopback port, up and answering /healthz; always stopped after.
+def serving(args: list[str], log: Path, start_seconds: float = 90.0,
+            env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real `asirra serve ARGS` (with `env` added to the environment) on a free loopback port, up and
+    answering /healthz; always stopped after.
 
     It runs in its own process group, so uvicorn's worker processes go down with it.
     """
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "asirra", "serve", "--port", str(port), *args],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_seconds

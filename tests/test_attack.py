@@ -274,7 +274,7 @@ def test_cli_attack_refuses_bad_settings_before_loading_any_model(options, words
 def test_cli_serve_refuses_a_missing_data_folder_or_unknown_safeguard(tmp_path):
     command = ["serve"]
     missing = CliRunner().invoke(cli, [*command, "--data", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2 and "error: no such file or folder" in missing.output
+    assert missing.exit_code == 2 and "error: --data " in missing.output and "no such file or folder" in missing.output
     make_pool(tmp_path / "pool")
     unknown = CliRunner().invoke(cli, [*command, "--data", str(tmp_path / "pool"), "--safeguard", "moat"])
-    assert unknown.exit_code == 2 and "error: unknown safeguard 'moat'" in unknown.output
+    assert unknown.exit_code == 2 and "error: --safeguard moat: unknown safeguard 'moat'" in unknown.output

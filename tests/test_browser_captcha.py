@@ -46,14 +46,20 @@ def _require_browser():
 
 
 @pytest.fixture
-def page():
+def browser():
+    """Debian's Chromium, headless, closed after the test."""
     sync_playwright = _require_browser()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            yield browser.new_page(viewport={"width": 760, "height": 700})
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    return browser.new_page(viewport={"width": 760, "height": 700})
 
 
 @pytest.fixture

@@ -39,7 +39,8 @@ def test_a_flood_past_the_limit_gets_429s_with_retry_after_and_nothing_else(pool
         if i >= DEFAULTS.request_burst:  # its burst spent: refusals, and only refusals
             assert reply.status_code == 429, (method, path, reply.text)
             assert int(reply.headers["retry-after"]) >= 1
-            assert reply.json() == {"error": "too many requests; slow down"}
+            assert reply.json() == {"error": "too many requests; slow down", "kind": "rate_limited"}
+            assert "set-cookie" not in reply.headers  # a refusal changes nothing, the cookie jar included
     assert not [s for s in statuses if s >= 500]
     assert statuses[: DEFAULTS.request_burst].count(429) < DEFAULTS.request_burst  # the burst itself was served
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

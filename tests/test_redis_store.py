@@ -86,8 +86,27 @@ def test_pass_token_verifies_once_whichever_worker_is_asked(pool, redis_server):
     with TestClient(a) as on_a, TestClient(b) as on_b:
         challenge = new_challenge(on_a, SITE.key)
         token = answer(on_b, challenge["id"], truth(a, challenge)).json()["token"]
-        assert _verify(on_b, token) == {"success": True, "error-codes": []}
+        verdict = _verify(on_b, token)
+        assert verdict["success"] is True and verdict["hostname"] == "testserver" and verdict["challenge_ts"]
         assert _verify(on_a, token) == {"success": False, "error-codes": ["timeout-or-duplicate"]}
+
+
+def test_a_pass_written_before_hostnames_existed_still_verifies(pool, redis_server):
+    """A rolling restart: a token minted by the old code ("sitekey expires_at" in Redis) verifies once with the new."""
+    import redis
+
+    app = _worker(pool, redis_server.url)
+    with TestClient(app) as client:
+        challenge = new_challenge(client, SITE.key)
+        token = answer(client, challenge["id"], truth(app, challenge)).json()["token"]
+        nonce = token.split(".")[0]
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        key = f"asirra:pass:{nonce}"
+        expires_at = raw.get(key).split(" ")[1]
+        raw.set(key, f"{SITE.key} {expires_at}", px=60_000)  # the old format
+        verdict = _verify(client, token)
+        assert verdict["success"] is True and verdict["hostname"] == "" and verdict["challenge_ts"].endswith("Z")
+        assert _verify(client, token)["error-codes"] == ["timeout-or-duplicate"]
 
 
 def test_pass_token_expires_after_its_ttl(pool, redis_server):

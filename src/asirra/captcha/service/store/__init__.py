@@ -6,6 +6,7 @@ from asirra.captcha.service.store.base import (
                                                Closed,
                                                Issued,
                                                Limit,
+                                               PassRecord,
                                                Store,
                                                StoreError,
                                                StoreSettings,
@@ -17,5 +18,6 @@ from asirra.captcha.service.store.base import (
 from asirra.captcha.service.store.memory import MemoryStore
 from asirra.captcha.service.store.redis import PoolMismatch, RedisStore, claim_pool
 
-__all__ = ["KEY_PREFIX", "Closed", "Issued", "Limit", "MemoryStore", "PoolMismatch", "RedisStore", "Store",
+__all__ = ["KEY_PREFIX", "Closed", "Issued", "Limit", "MemoryStore", "PassRecord", "PoolMismatch", "RedisStore",
+           "Store",
            "StoreError", "StoreSettings", "Unavailable", "Unknown", "claim_pool", "ordered_pool", "pool_fingerprint"]
