@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import table  # benchmarks/report.py, beside this script
+from report import cpu_line, table  # benchmarks/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEST = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "test1"
@@ -65,8 +65,9 @@ def bench_challenges(classifiers: dict, challenges: list[list[bytes]]) -> list[d
             pixels = clf.pixels(challenge)
             times[name]["decode"].append((time.perf_counter() - started) * 1000)
             times[name]["network"].append(milliseconds(clf.logits, pixels))
-    return [{"backend": name, "kernels": classifiers[name].engine["kernels"], "median_ms": statistics.median(t["solve"]),
-             "p90_ms": percentile(t["solve"], 90), "max_ms": max(t["solve"]), "decode_ms": statistics.median(t["decode"]),
+    return [{"backend": name, "kernels": classifiers[name].engine["kernels"],
+             "median_ms": statistics.median(t["solve"]), "p90_ms": percentile(t["solve"], 90),
+             "max_ms": max(t["solve"]), "decode_ms": statistics.median(t["decode"]),
              "network_ms": statistics.median(t["network"])} for name, t in times.items()]
 
 
@@ -128,7 +129,8 @@ def load_classifiers(model, kernels) -> tuple[dict, dict]:
 
     variants = {"onnx-int8": ("onnx-int8", None)}
     if not kernels.exact:
-        variants["onnx-int8 exact"] = ("onnx-int8", KernelChoice(True, EXACT, "benchmark: the exact path beside the fast"))
+        exact = KernelChoice(True, EXACT, "benchmark: the exact path beside the fast")
+        variants["onnx-int8 exact"] = ("onnx-int8", exact)
     variants.update({"onnx": ("onnx", None), "torch": ("torch", None)})
     classifiers, load_s = {}, {}
     for name, (backend, choice) in variants.items():
@@ -201,11 +203,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return
-    cpu = summary["cpu"]
-    print(f"\nCPU {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'] or ['flags unknown'])}); int8 kernels "
-          f"{kernels.path} ({kernels.reason})")
-    print(f"model {clf.name} ({args.model or 'package default'}), {clf.image_size} px; load average "
-          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print("\n" + cpu_line(summary["cpu"], load_before, load_after))
+    print(f"model {clf.name} ({args.model or 'package default'}), {clf.image_size} px")
     print("load_classifier: " + ", ".join(f"{b} {s:.1f} s" for b, s in load_s.items()) + " (onnx includes any export)")
     print(f"\n(a) one {CHALLENGE_SIZE}-image challenge, JPEG bytes -> answer, over {n_challenge} challenges\n")
     print(table(latency, [("backend", "backend", ""), ("kernels", "kernels", ""), ("median_ms", "median ms", ".1f"),
@@ -220,11 +219,14 @@ def main() -> None:
     print(f"\n(d) ONNX Runtime threads: the network alone on one challenge ({n_challenge} challenges)\n")
     print(table(ort_settings, [("setting", "setting", ""), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f")]))
     fast, int8 = summary["fast_vs_exact_speedup"], summary["int8_vs_fp32_speedup"]
-    print("\n(e) int8 kernels: " + (f"fast ({kernels.path}) vs exact: {fast['solve']:.2f}x per challenge, "
-                                     f"{fast['network']:.2f}x on the network"
-                                     if fast["solve"] else f"{kernels.path} on this CPU; fast kernels saturate here, not timed"))
+    if fast["solve"]:
+        print(f"\n(e) int8 kernels: fast ({kernels.path}) vs exact: {fast['solve']:.2f}x per challenge, "
+              f"{fast['network']:.2f}x on the network")
+    else:
+        print(f"\n(e) int8 kernels: {kernels.path} on this CPU; fast kernels saturate here, not timed")
     if int8["solve"]:
-        print(f"    int8 ({kernels.path}) vs fp32: {int8['solve']:.2f}x per challenge, {int8['network']:.2f}x on the network")
+        print(f"    int8 ({kernels.path}) vs fp32: {int8['solve']:.2f}x per challenge, "
+              f"{int8['network']:.2f}x on the network")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 from load_test import SHARED_TRAIN, start_redis  # benchmarks/, beside this script
-from serve_cost import Connection, Server, cores, cpu_seconds, machine
+from report import cpu_line
+from serve_cost import Connection, Server, cores, machine
 
 PEOPLE = ("127.0.0.2", "127.0.0.4")
 FLOOD = "127.0.0.3"
@@ -76,7 +77,7 @@ class Statuses(dict):
 
 async def person(port: int, address: str, until: float, latencies: list, statuses: Statuses, period: float = 1.0,
                  headers: dict | None = None) -> None:
-    """One challenge per `period` seconds: challenge, 12 images over 4 connections, an answer; whole-challenge latency."""
+    """One challenge per `period` seconds: challenge, 12 images over 4 connections, an answer; its latency."""
     conns = [await Connection(port, address, headers).open() for _ in range(4)]
     cookie = None
     try:
@@ -276,7 +277,8 @@ def main() -> None:
                         help="outstanding challenges the service holds (default: its own, 10,000)")
     parser.add_argument("--store-refusals", type=int, default=1_000_000,
                         help="refusals from one address spent on the in-process store directly (its memory)")
-    parser.add_argument("--redis", action="store_true", help="the Redis store (a private redis-server) instead of in-process")
+    parser.add_argument("--redis", action="store_true",
+                        help="the Redis store (a private redis-server) instead of in-process")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if not Path(args.data).exists():
@@ -373,8 +375,8 @@ async def _health(port: int) -> dict:
 
 def print_summary(s: dict) -> None:
     m = s["machine"]
-    print(f"\nCPU {m['cpu']['model']}; server on core {m['server_core']}, clients on core {m['load_core']}; "
-          f"{s['store']} store; load average {m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after")
+    print(f"\n{cpu_line(m['cpu'], m['load_before'], m['load_after'])}\nserver on core {m['server_core']}, clients on "
+          f"core {m['load_core']}; {s['store']} store")
     base, fl = s["baseline"], s["flood"]
     for name, w in (("people alone", base), (f"people beside {s['rate']:.0f} req/s", fl)):
         p = w["people"]
@@ -390,7 +392,8 @@ def print_summary(s: dict) -> None:
     print(f"{a['addresses']} addresses: {a['server_us_per_request']:.1f} us each; {dict(a['statuses'])}")
     h = s["hoarding"]
     print(f"{h['addresses']} hoarders x 10: {dict(h['statuses'])}; outstanding {h['outstanding']}; then the people: "
-          f"{h['people_then'].get('succeeded')}/{h['people_then'].get('challenges')} through, {dict(h['people_statuses'])}")
+          f"{h['people_then'].get('succeeded')}/{h['people_then'].get('challenges')} through, "
+          f"{dict(h['people_statuses'])}")
     print("server RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in s["rss_mib"].items()))
     print(f"server log: {s['server_log']}")
     if "store_memory" in s:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from load_test import HOST, SHARED_TRAIN, build_config, free_port, start_redis  # benchmarks/, beside this script
-from report import table
+from report import cpu_line, table
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS_PER_CHALLENGE = 14
@@ -100,7 +100,7 @@ def cores() -> tuple[int | None, int | None]:
 
 
 def serve_main(args) -> None:
-    """`serve_cost.py --serve CONFIG ...`: run the service from CONFIG, pinned (the code is whatever PYTHONPATH gives)."""
+    """`serve_cost.py --serve CONFIG ...`: run the service from CONFIG, pinned (the code: whatever PYTHONPATH gives)."""
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})  # uvicorn's worker processes inherit it
     import functools
@@ -201,7 +201,8 @@ class Connection:
             HOST, self.port, local_addr=(self.local, 0) if self.local else None)
         return self
 
-    async def request(self, method: str, path: str, body: bytes = b"", cookie: str | None = None) -> tuple[int, dict, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      cookie: str | None = None) -> tuple[int, dict, bytes]:
         head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n{self.extra}"
         if cookie:
             head += f"Cookie: {cookie}\r\n"
@@ -342,7 +343,15 @@ def measure(server: Server, folder: Path, total: int, warmup: int, concurrency: 
 def floor(config: dict, images: int = 40, repeats: int = 5) -> dict:
     """Per served image, thread CPU time on this core: the JPEG encode alone (libjpeg-turbo via simplejpeg), the
     service's whole render (crop, resize, encode) and the Pillow-only render, on served sizes of pool photos."""
-    from asirra.captcha.rendering import ENCODERS, RESIZERS, Renderer, RenderSettings, available, crop_geometry, draw_jitter
+    from asirra.captcha.rendering import (
+        ENCODERS,
+        RESIZERS,
+        Renderer,
+        RenderSettings,
+        available,
+        crop_geometry,
+        draw_jitter,
+    )
     from asirra.captcha.service.images import ImageServer
     from asirra.captcha.service.settings import ServiceSettings
     from asirra.data import ImageRef
@@ -421,8 +430,8 @@ HEADLINE = "in-process, 1 worker, 8 clients"
 
 
 def machine(load_before, server_core, load_core) -> dict:
-    from asirra.cpu import describe_cpu
     from asirra.captcha.rendering import available
+    from asirra.cpu import describe_cpu
 
     def installed(module: str) -> bool:
         import importlib.util
@@ -514,11 +523,11 @@ def main() -> None:
 
 def print_summary(summary: dict) -> None:
     m = summary["machine"]
-    print(f"\nCPU {m['cpu']['model']} ({m['cpu']['cores']} cores; {', '.join(m['cpu']['flags'] or [])}); "
-          f"server on core {m['server_core']}, load on core {m['load_core']}; load average "
-          f"{m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after")
+    print(f"\n{cpu_line(m['cpu'], m['load_before'], m['load_after'])}\nserver on core {m['server_core']}, load on "
+          f"core {m['load_core']}; {m['event_loop']} + {m['http_parser']}")
     f = summary["floor"]
-    print(f"floor: one JPEG encode ({f['encoder']}, median side {f['median_side']:.0f} px) {f['jpeg_encode_us']:.0f} us "
+    print(f"floor: one JPEG encode ({f['encoder']}, median side {f['median_side']:.0f} px) "
+          f"{f['jpeg_encode_us']:.0f} us "
           f"-> {f['jpeg_encode_x12_ms']:.2f} ms per challenge; whole render ({f['renderer']}) {f['render_us']:.0f} us "
           f"-> {f['render_x12_ms']:.2f} ms; Pillow-only render {f['pillow_render_us']:.0f} us")
     print("resize alone, us per served image: " + ", ".join(f"{k} {v:.0f}" for k, v in f["resize_us"].items()) + "\n")

@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from bench_inference import CHALLENGE_SIZE, percentile  # benchmarks/, beside this script
-from report import table
+from report import cpu_line, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats"
@@ -110,9 +109,11 @@ def accuracy(classifier, data: Path, limit: int | None, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED, help="a Kaggle root: test1/ for timing, train/ for accuracy")
+    parser.add_argument("--data", type=Path, default=SHARED,
+                        help="a Kaggle root: test1/ for timing, train/ for accuracy")
     parser.add_argument("--challenges", type=int, default=30)
-    parser.add_argument("--val-limit", type=int, default=None, help="score a stratified sample of the validation images")
+    parser.add_argument("--val-limit", type=int, default=None,
+                        help="score a stratified sample of the validation images")
     parser.add_argument("--out", type=Path, default=Path("/tmp/asirra-solve-options"), help="the 260 px model, scores")
     parser.add_argument("--cache-dir", default="/tmp/asirra-bench-cache", help="where the fp32 export goes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -142,9 +143,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return
-    cpu = summary["cpu"]
-    print(f"\nCPU {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'] or [])}); load average "
-          f"{load_before[0]:.1f} before, {summary['load_after'][0]:.1f} after; {len(challenges)} challenges\n")
+    print(f"\n{cpu_line(summary['cpu'], load_before, summary['load_after'])}; {len(challenges)} challenges\n")
     shown = [{**r, "acc": "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%",
               "pass": "-" if r["challenge_solve_rate"] is None else f"{100 * r['challenge_solve_rate']:.1f}%"}
              for r in speed]
@@ -154,7 +153,8 @@ def main() -> None:
                         ("pass", "challenges passed", "")]))
     for name, s in scores.items():
         print(f"{name}: {s['images']} validation images, accuracy {100 * s['accuracy']:.2f}% "
-              f"[{100 * s['accuracy_ci'][0]:.2f}, {100 * s['accuracy_ci'][1]:.2f}] ({s['mistakes']} mistakes), log loss "
+              f"[{100 * s['accuracy_ci'][0]:.2f}, {100 * s['accuracy_ci'][1]:.2f}] ({s['mistakes']} mistakes), "
+              f"log loss "
               f"{s['log_loss']:.4f}; challenges passed {100 * s['challenge_solve_rate']:.1f}% "
               f"[{100 * s['challenge_ci'][0]:.1f}, {100 * s['challenge_ci'][1]:.1f}]")
 

@@ -277,8 +277,15 @@ def export_model(model: str | Path | None = None, *, onnx: bool = True, int8: bo
     import dataclasses
 
     from asirra.errors import ConfigError
-    from asirra.models import (DEFAULT_MODEL_DIR, class_option, create_model, default_model_path, load_model,
-                               resolve_model_folder, save_model)
+    from asirra.models import (
+        DEFAULT_MODEL_DIR,
+        class_option,
+        create_model,
+        default_model_path,
+        load_model,
+        resolve_model_folder,
+        save_model,
+    )
 
     if int8 and calibration is None:
         raise ConfigError("--int8 needs --calibration: a folder of typical images (a few hundred are sampled)")
