@@ -1,16 +1,16 @@
 """Floods: what a client asking far past its rate limit costs the service, and whether people beside it notice.
 
-    python benchmarks/flood.py [--data POOL] [--pool 200] [--seconds 30] [--rate 4000] [--refusals 200000]
-                               [--addresses 120000] [--hoarders 2000] [--redis] [--json]
+    python benchmarks/flood.py [--data POOL] [--pool 200] [--seconds 30] [--people 4] [--rate 4000]
+                               [--refusals 200000] [--addresses 120000] [--hoarders 2000] [--redis] [--json]
 
 The service runs with its default limits (40 requests/s per address, burst 120; 1 challenge/s, burst 10;
 10,000 outstanding challenges, 8 per address; rate tables of 100,000 addresses per kind), pinned to
 one core; the clients run on the other (serve_cost.py's pinning, CPU accounting and raw HTTP client).
-Loopback gives every client its own address: people at 127.0.0.2 and 127.0.0.4 (one challenge per
-second each, the 12 images and an answer), the flood at 127.0.0.3, and many addresses at once through
+Loopback gives every client its own address: --people people at 127.0.0.2, .4, .5, ... (one challenge
+per second each, the 12 images and an answer), the flood at 127.0.0.3, and many addresses at once through
 X-Forwarded-For from 127.0.0.1, the one trusted proxy (`ServiceSettings.trusted_proxies`).
 
-1. baseline: the two people alone for --seconds; their latency per whole challenge and the server's CPU;
+1. baseline: the people alone for --seconds; their latency per whole challenge and the server's CPU;
 2. one address at --rate requests/s (default 4,000: 100x its limit; cookie-less POST /api/challenge and
    GET /api/image/<junk>) beside the people: their latency again (p99 ratio, goal < 2x) and success; the
    flood's statuses (beyond its burst: 429 with Retry-After, nothing else); server CPU per refusal =
@@ -44,8 +44,12 @@ from load_test import SHARED_TRAIN, start_redis  # benchmarks/, beside this scri
 from report import cpu_line
 from serve_cost import Connection, Server, cores, machine
 
-PEOPLE = ("127.0.0.2", "127.0.0.4")
 FLOOD = "127.0.0.3"
+
+
+def people_addresses(n: int) -> list[str]:
+    """n people, each at an address of their own (127.0.0.2, .4, .5, ...: never the flood's)."""
+    return [f"127.0.0.{i}" for i in range(2, n + 3) if f"127.0.0.{i}" != FLOOD][:n]
 PROXY = "127.0.0.1"  # the trusted proxy: its X-Forwarded-For names the client
 
 
@@ -182,23 +186,23 @@ def flood_process(port: int, seconds: float, rate: float, results) -> None:
     results.put((sent, dict(statuses)))
 
 
-def window(server: Server, seconds: float, flood_rate: float | None = None) -> dict:
+def window(server: Server, seconds: float, people: int, flood_rate: float | None = None) -> dict:
     """The people for `seconds`, with or without a paced flood (another process, the same core) beside them."""
     import multiprocessing
 
-    people, samples = Statuses(), []
+    statuses, samples = Statuses(), []
     cpu, wall = server.cpu(), time.perf_counter()
     if flood_rate:
         results = multiprocessing.Queue()
         flooder = multiprocessing.Process(target=flood_process, args=(server.port, seconds, flood_rate, results))
         flooder.start()
-    asyncio.run(people_for(server.port, seconds, samples, people))
+    asyncio.run(people_for(server.port, seconds, samples, statuses, people))
     sent, flood_statuses = results.get(timeout=seconds + 60) if flood_rate else (0, {})
     if flood_rate:
         flooder.join(30)
     cpu, wall = server.cpu() - cpu, time.perf_counter() - wall
     return {"seconds": wall, "server_cpu_seconds": cpu, "people": latency_summary(samples),
-            "people_statuses": people, "flood_sent": sent, "flood_statuses": flood_statuses}
+            "people_statuses": statuses, "flood_sent": sent, "flood_statuses": flood_statuses}
 
 
 def warm(server: Server, challenges: int = 10, addresses: int = 30) -> None:
@@ -272,6 +276,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=200, help="images drawn from --data for the pool")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the baseline and the flood windows")
     parser.add_argument("--rate", type=float, default=4000.0, help="the paced flood's requests per second")
+    parser.add_argument("--people", type=int, default=4, help="people solving one challenge a second each")
     parser.add_argument("--refusals", type=int, default=200_000, help="refusals in the unpaced phase")
     parser.add_argument("--addresses", type=int, default=120_000, help="distinct addresses in phase 4")
     parser.add_argument("--hoarders", type=int, default=2_000, help="addresses hoarding challenges in phase 5")
@@ -306,9 +311,9 @@ def main() -> None:
             warm(server)
             rss = {"warm": server.rss()}
             say(f"baseline: the people alone for {args.seconds:.0f} s ...")
-            result["baseline"] = window(server, args.seconds)
+            result["baseline"] = window(server, args.seconds, args.people)
             say(f"flood: one address at {args.rate:.0f} requests/s beside them ...")
-            result["flood"] = window(server, args.seconds, args.rate)
+            result["flood"] = window(server, args.seconds, args.people, args.rate)
             rss["after_paced_flood"] = server.rss()
 
             say(f"unpaced flood until {args.refusals} refusals ...")
@@ -336,7 +341,7 @@ def main() -> None:
             health = asyncio.run(_health(server.port))
             rss["after_hoarding"] = server.rss()
             people, samples = Statuses(), []
-            asyncio.run(people_for(server.port, 10.0, samples, people))
+            asyncio.run(people_for(server.port, 10.0, samples, people, args.people))
             result["hoarding"] = {"addresses": args.hoarders, "requests_each": 10, "statuses": statuses,
                                   "outstanding": health.get("outstanding"), "people_then": latency_summary(samples),
                                   "people_statuses": people}
@@ -364,9 +369,9 @@ def main() -> None:
     print_summary(summary)
 
 
-async def people_for(port: int, seconds: float, samples: list, statuses: Statuses) -> None:
+async def people_for(port: int, seconds: float, samples: list, statuses: Statuses, people: int) -> None:
     until = time.perf_counter() + seconds
-    await asyncio.gather(*(person(port, a, until, samples, statuses) for a in PEOPLE))
+    await asyncio.gather(*(person(port, a, until, samples, statuses) for a in people_addresses(people)))
 
 
 async def _health(port: int) -> dict:
