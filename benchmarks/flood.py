@@ -80,12 +80,12 @@ class Statuses(dict):
 
 
 async def person(port: int, address: str, until: float, latencies: list, statuses: Statuses, period: float = 1.0,
-                 headers: dict | None = None) -> None:
+                 headers: dict | None = None, limit: int | None = None) -> None:
     """One challenge per `period` seconds: challenge, 12 images over 4 connections, an answer; its latency."""
     conns = [await Connection(port, address, headers).open() for _ in range(4)]
     cookie = None
     try:
-        while time.perf_counter() < until:
+        while time.perf_counter() < until and (limit is None or len(latencies) < limit):
             started = time.perf_counter()
             status, head, body = await conns[0].request("POST", "/api/challenge", cookie=cookie)
             statuses.add(status, head)
@@ -209,7 +209,7 @@ def warm(server: Server, challenges: int = 10, addresses: int = 30) -> None:
     """Fill the image cache from addresses of their own (127.0.1.x), each within its challenge burst."""
     async def run():
         await asyncio.gather(*(person(server.port, f"127.0.1.{i + 1}", time.perf_counter() + 60, [], Statuses(),
-                                      period=0.0) for i in range(addresses)))
+                                      period=0.0, limit=challenges) for i in range(addresses)))
 
     async def bounded():
         try:
