@@ -113,7 +113,7 @@ def _resize_opencv(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
     # Bilinear without antialiasing: from the base, a served copy shrinks to >= 0.73x or grows, where it
-    # differs from Pillow's antialiased filter far less than the JPEG step does (PSNR ~48 dB; README).
+    # differs from Pillow's antialiased filter far less than the JPEG step does (tests/test_rendering.py).
     return cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
