@@ -430,20 +430,13 @@ HEADLINE = "in-process, 1 worker, 8 clients"
 
 
 def machine(load_before, server_core, load_core) -> dict:
-    from asirra.captcha.rendering import available
+    from asirra.captcha.service.run import serving_stack
+    from asirra.captcha.service.settings import ServiceSettings
     from asirra.cpu import describe_cpu
-
-    def installed(module: str) -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec(module) is not None
 
     return {"cpu": describe_cpu(), "load_before": load_before, "load_after": os.getloadavg(),
             "pinned": server_core is not None, "server_core": server_core, "load_core": load_core,
-            "event_loop": "uvloop" if installed("uvloop") else "asyncio",
-            "http_parser": "httptools" if installed("httptools") else "h11",
-            "resizer": "opencv" if available("opencv") else "pillow",
-            "encoder": "simplejpeg" if available("simplejpeg") else "pillow"}
+            **serving_stack(ServiceSettings())}
 
 
 def main() -> None:

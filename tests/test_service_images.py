@@ -103,3 +103,12 @@ def test_bad_cache_and_renderer_settings_are_refused():
         ServiceSettings(image_cache_mb=-1)
     with pytest.raises(ServiceError, match="unknown renderer 'gpu'; choose auto, pillow"):
         ServiceSettings(renderer="gpu")
+
+
+def test_the_serving_stack_is_named_as_it_will_run():
+    from asirra.captcha.service.run import serving_stack
+
+    stack = serving_stack(ServiceSettings())
+    assert stack["event_loop"] in ("uvloop", "asyncio") and stack["http_parser"] in ("httptools", "h11")
+    assert stack["renderer"] in ("opencv+simplejpeg", "opencv+pillow", "pillow+simplejpeg", "pillow+pillow")
+    assert serving_stack(ServiceSettings(renderer="pillow"))["renderer"] == "pillow+pillow"
