@@ -27,7 +27,7 @@ from asirra.stats import wilson_interval
 
 REPORT_FIELDS = {"attempted", "answered", "passed", "results", "solve_rate", "solve_rate_ci", "refused",
                  "refused_total", "retries", "waited_seconds", "max_wait", "wall_seconds", "passes_per_hour",
-                 "p50_ms", "p90_ms", "p99_ms", "preprocess", "backend"}
+                 "p50_ms", "p90_ms", "p99_ms", "preprocess", "backend", "kernels"}
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from datetime import datetime
 
 import httpx
 import pytest
-from captcha_service_support import GENEROUS, FakeClock, make_pool
 from browser_support import browser  # noqa: F401  (fixture)
+from captcha_service_support import GENEROUS, FakeClock, make_pool
 
 from asirra.captcha.safeguards import parse_safeguard
 from asirra.captcha.service.app import create_app

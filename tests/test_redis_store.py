@@ -10,7 +10,16 @@ import asyncio
 
 import httpx
 import pytest
-from captcha_service_support import GENEROUS, FakeClock, TestClient, answer, make_pool, new_challenge, truth
+from captcha_service_support import (
+    GENEROUS,
+    FakeClock,
+    TestClient,
+    answer,
+    check_a_full_table_replaces_instead_of_refusing,
+    make_pool,
+    new_challenge,
+    truth,
+)
 from redis_support import redis_server  # noqa: F401  (fixture)
 
 from asirra.captcha.safeguards import parse_safeguard
@@ -161,12 +170,11 @@ def test_expired_replaced_and_unknown_challenges_get_their_precise_refusal(pool,
         assert client.get("/healthz").json()["outstanding"] == 2
 
 
-def test_server_full_of_challenges_answers_503(pool, redis_server):
+def test_a_full_server_replaces_the_oldest_challenge_instead_of_refusing(pool, redis_server):
     app = _worker(pool, redis_server.url, max_challenges=2)
-    with TestClient(app, client=("10.0.0.1", 1)) as one, TestClient(app, client=("10.0.0.2", 1)) as two:
-        new_challenge(one), new_challenge(two)
-        refused = TestClient(app, client=("10.0.0.3", 1)).post("/api/challenge")
-        assert refused.status_code == 503 and "busy" in refused.json()["error"]
+    with TestClient(app, client=("10.0.0.1", 1)) as a, TestClient(app, client=("10.0.0.2", 1)) as b, \
+            TestClient(app, client=("10.0.0.3", 1)) as c:
+        check_a_full_table_replaces_instead_of_refusing(a, b, c)
 
 
 def test_redis_outage_is_a_503_with_retry_after_and_the_service_recovers(pool, redis_server):

@@ -59,6 +59,8 @@ def examples(files) -> dict[str, tuple[str, object]]:
         "image_side": ("180,200", (180, 200)),
         "image_quality": ("60,70", (60, 70)),
         "max_crop": ("0.1", 0.1),
+        "image_cache_mb": ("64", 64.0),
+        "renderer": ("pillow", "pillow"),
         "seed": ("3", 3),
         "redis_url": ("redis://127.0.0.1:6390/2", "redis://127.0.0.1:6390/2"),
         "pass_ttl_seconds": ("30", 30.0),
@@ -77,7 +79,7 @@ BAD = {
     "secret_file": "/no/such/secret", "sites_file": "/no/such/sites.json", "log_format": "xml", "ttl_seconds": "0",
     "max_challenges": "1.5", "max_per_client": "-1", "challenge_rate": "fast", "challenge_burst": "0",
     "request_rate": "nan", "request_burst": "0", "max_body_bytes": "0", "max_clients": "many", "image_side": "240",
-    "image_quality": "50,101", "max_crop": "0.3", "seed": "abc", "redis_url": "http://127.0.0.1/0",
+    "image_quality": "50,101", "max_crop": "0.3", "image_cache_mb": "-1", "renderer": "gpu", "seed": "abc", "redis_url": "http://127.0.0.1/0",
     "pass_ttl_seconds": "-5", "verify_rate": "0", "verify_burst": "0", "max_verify_bytes": "0",
     "trusted_proxies": "nginx", "metrics_allow": "everyone", "access_log": "maybe",
 }

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # what type checkers and the API reference see; at run time _
         check_data,
         create_app,
         cross_validate,
+        engine,
         evaluate,
         explain,
         harden,
@@ -51,12 +52,12 @@ if TYPE_CHECKING:  # what type checkers and the API reference see; at run time _
 
 # Names that import torch (or FastAPI) when first used: loaded from asirra.api then.
 _LAZY = ("Classifier", "EvaluationResult", "ExplainReport", "ImageSource", "TrainResult", "attack", "check_data",
-         "create_app", "cross_validate", "evaluate", "explain", "harden", "load_model", "show_data", "solve", "train",
-         "tune")
+         "create_app", "cross_validate", "engine", "evaluate", "explain", "harden", "load_model", "show_data",
+         "solve", "train", "tune")
 
 __all__ = ["__version__", "CAT", "DOG", "CLASS_NAMES", "ImageSource", "UserError", "TrainConfig", "Classifier",
            "load_model", "check_data", "show_data", "train", "TrainResult", "evaluate", "EvaluationResult",
-           "cross_validate", "tune", "explain", "ExplainReport", "solve", "create_app", "attack", "harden"]
+           "cross_validate", "tune", "explain", "ExplainReport", "solve", "engine", "create_app", "attack", "harden"]
 
 
 def __getattr__(name: str) -> Any:

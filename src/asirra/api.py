@@ -110,6 +110,25 @@ def solve(images: Sequence[ImageSource], model: PathLike | None = None, backend:
     return _cached_classifier(None if model is None else os.fspath(model), backend).solve(images)
 
 
+def engine(model: PathLike | None = None, backend: str = DEFAULT_BACKEND) -> dict[str, Any]:
+    """What `solve(images, model, backend)` runs on, for benchmarks and bug reports.
+
+    Args:
+        model: As for `solve`.
+        backend: As for `solve`.
+
+    Returns:
+        {"backend", "kernels", "threads", ...}. For the int8 backend "kernels" is the int8 kernel path
+        chosen for this CPU ("avx512-vnni", "avx-vnni", "amx": fast; "exact-u8u8" on CPUs without VNNI, or
+        when ASIRRA_INT8_KERNELS=exact) and "reason" says why.
+
+    Examples:
+        >>> asirra.engine()["kernels"]
+        'avx512-vnni'
+    """
+    return _cached_classifier(None if model is None else os.fspath(model), backend).engine
+
+
 # ---- data -----------------------------------------------------------------------------------
 
 

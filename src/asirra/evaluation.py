@@ -299,7 +299,8 @@ def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int 
     preds = predict_refs(classifier, refs, progress=progress)
     if not preds.refs:
         raise InvalidPredictions("no readable images to evaluate")
-    context = {"model": classifier.name, "backend": classifier.backend, "unusable": len(preds.unusable), **(info or {})}
+    context = {"model": classifier.name, "backend": classifier.backend, "engine": classifier.engine,
+               "unusable": len(preds.unusable), **(info or {})}
 
     def pictures(idx: list[int]) -> list[np.ndarray]:
         if not explain:

@@ -22,6 +22,7 @@ import torch
 from asirra.cache import default_cache_dir
 from asirra.calibration import describe_row, predicted_index, predicted_labels, probabilities
 from asirra.config import BACKENDS, DEFAULT_BACKEND
+from asirra.cpu import KernelChoice
 from asirra.deprecation import deprecated
 from asirra.errors import ConfigError, ModelError
 from asirra.fileio import atomic_path
@@ -64,6 +65,8 @@ class Classifier:
             "onnx-int8" or "torch".
         folder: The model's folder, where its ONNX exports live.
         tta: Average each image with its mirror image; None uses what the model was validated with.
+        kernels: For "onnx-int8", the int8 kernel path; None chooses it from this CPU's flags
+            (`asirra.cpu.int8_kernels`: fast VNNI kernels where they are exact, else exact u8 x u8 ones).
 
     Attributes:
         classes: The class names in column order, e.g. ("cat", "dog").
@@ -82,7 +85,7 @@ class Classifier:
     """
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND,
-                 folder: Path | None = None, tta: bool | None = None):
+                 folder: Path | None = None, tta: bool | None = None, kernels: KernelChoice | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         backend = resolve_backend(backend, model, folder)
@@ -94,6 +97,8 @@ class Classifier:
         self.classes = tuple(str(c) for c in config.classes)  # label order: column i of the probabilities
         self.target = CLASS_NAMES[CAT]  # what solve() selects; see select()
         self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+        # The int8 kernel path (asirra.cpu.KernelChoice): this machine's choice unless given (benchmarks compare both).
+        self.kernels = kernels
         self._session = self._onnx_session() if backend.startswith("onnx") else None
 
     def __repr__(self) -> str:
@@ -297,9 +302,30 @@ class Classifier:
     # -- ONNX --------------------------------------------------------------------------------
 
     def _onnx_session(self):
+        from asirra.cpu import int8_kernels
         from asirra.export import onnx_session
 
-        return onnx_session(self.onnx_path())
+        self.kernels = self.kernels or int8_kernels()
+        return onnx_session(self.onnx_path(), kernels=self.kernels)
+
+    @property
+    def engine(self) -> dict:
+        """What computes the answers: the backend, its kernel path and threads (what `--json` and benchmarks report).
+
+        kernels: for onnx-int8 the int8 kernel path (asirra.cpu: "avx512-vnni", "exact-u8u8", ...) and why;
+        "fp32" for fp32 ONNX, "torch" for PyTorch.
+        """
+        if self._session is None:
+            return {"backend": self.backend, "kernels": "torch", "threads": torch.get_num_threads(),
+                    "torch": torch.__version__}
+        import onnxruntime
+
+        options = self._session.get_session_options()
+        engine = {"backend": self.backend, "kernels": "fp32", "threads": options.intra_op_num_threads,
+                  "onnxruntime": onnxruntime.__version__}
+        if self.backend == "onnx-int8":
+            engine.update(kernels=self.kernels.path, exact_int8=self.kernels.exact, reason=self.kernels.reason)
+        return engine
 
     def onnx_path(self) -> Path:
         """The model's ONNX file: the export beside the weights if made from them, else one cached per weights.

@@ -67,6 +67,9 @@ def serve_command(
                                    help="Log lines as text (key=value) or json. " + _default("log_format")),
     access_log: bool = typer.Option(_DEFAULTS["access_log"], "--access-log/--no-access-log", show_default=False,
                                     help="One structured line per request. " + _default("access_log")),
+    image_cache_mb: float = typer.Option(_DEFAULTS["image_cache_mb"], "--image-cache-mb", show_default=False,
+                                         help="MiB of decoded pool photos each worker keeps (~0.12 MiB per photo); "
+                                              "0 decodes on every serving. " + _default("image_cache_mb")),
     config: Optional[Path] = typer.Option(None, "--config", show_default=False,
                                           help="A TOML file of settings (name = value, the names of the environment "
                                                "variables without ASIRRA_, lower case). ASIRRA_CONFIG."),

@@ -61,6 +61,8 @@ class AttackReport:
     """The classifier's name."""
     backend: str | None = None
     """The classifier's inference engine, when it has one."""
+    kernels: str | None = None
+    """Its kernel path (int8: "avx512-vnni", "exact-u8u8", ...; "fp32"; "torch")."""
     preprocess: str = "none"
     """The counter-moves applied to each served image ("none" for none)"""
     max_wait: float = DEFAULT_MAX_WAIT
@@ -134,6 +136,7 @@ class AttackReport:
             "url": self.url,
             "model": self.model,
             "backend": self.backend,
+            "kernels": self.kernels,
             "preprocess": self.preprocess,
             "attempted": self.attempted,
             "answered": self.answered,
@@ -275,7 +278,9 @@ async def attack_async(url: str, n: int, classifier, *, concurrency: int = 1, ti
                        sleep: Sleep = asyncio.sleep) -> AttackReport:
     preprocess = preprocess or Pipeline()
     report = AttackReport(url=url, model=getattr(classifier, "name", type(classifier).__name__),
-                          backend=getattr(classifier, "backend", None), preprocess=preprocess.spec, max_wait=max_wait)
+                          backend=getattr(classifier, "backend", None),
+                          kernels=getattr(classifier, "engine", {}).get("kernels"), preprocess=preprocess.spec,
+                          max_wait=max_wait)
     tickets = iter(range(n))  # shared by the workers; next() never awaits, so no lock is needed
     # One classification at a time: the model already uses every core, and a classifier object
     # is not promised to be thread-safe. Network waits of the other workers still overlap it.

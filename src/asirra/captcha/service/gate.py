@@ -26,7 +26,7 @@ from starlette.requests import cookie_parser
 
 from asirra.captcha.service.clients import CookieSigner
 from asirra.captcha.service.observe import Observer
-from asirra.captcha.service.store import StoreError, Unavailable
+from asirra.captcha.service.store import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ class Refusal:
 
 RATE_LIMITED = Refusal(429, "too many requests; slow down", "rate_limited")
 STORE_DOWN = Refusal(503, "the challenge store is unavailable; try again shortly", "unavailable", retry_after=2)
-STORE_BUSY = Refusal(503, "the server is busy; try again shortly", "busy", retry_after=5)
 
 
 class UntrustedForwarding:
@@ -159,14 +158,11 @@ class Gate:
         """Spend one token of the address's `kind` bucket; when refused, answer here and say why."""
         try:
             wait = await self.store.spend(kind, ip)
-        except StoreError as exc:
-            if isinstance(exc, Unavailable):
-                log.error("store unavailable: %s", exc)
-                self.observer.metrics.store_errors.labels(exc.op).inc()
-                await STORE_DOWN.send(send, STORE_DOWN.retry_after)
-                return STORE_DOWN.kind
-            await STORE_BUSY.send(send, STORE_BUSY.retry_after)
-            return STORE_BUSY.kind
+        except Unavailable as exc:  # the one refusal a bucket can meet (a full challenge table refuses nobody)
+            log.error("store unavailable: %s", exc)
+            self.observer.metrics.store_errors.labels(exc.op).inc()
+            await STORE_DOWN.send(send, STORE_DOWN.retry_after)
+            return STORE_DOWN.kind
         if wait:
             await RATE_LIMITED.send(send, wait)
             return RATE_LIMITED.kind

@@ -25,7 +25,7 @@ access_log = logging.getLogger("asirra.access")
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every refusal kind the service gives (ApiError.kind); the widget's error codes are these with dashes.
-REFUSALS = ("rate_limited", "busy", "unavailable", "expired", "already_answered", "replaced", "unknown_challenge",
+REFUSALS = ("rate_limited", "unavailable", "expired", "already_answered", "replaced", "unknown_challenge",
             "unknown_image", "bad_request", "unknown_sitekey", "hostname_not_allowed",
             "cross_site", "not_framed", "not_found")
 

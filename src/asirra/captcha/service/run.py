@@ -62,6 +62,9 @@ def serve_pool(loaded: Loaded) -> None:
     log.info(f"serving {len(pool)} images, safeguard {describe(policy)}{default}, {store}, {settings.workers} "
              f"worker(s), {len(sites or ())} site(s), trusted proxies: {', '.join(service.trusted_proxies) or 'none'}, "
              f"at http://{settings.host}:{settings.port}/")
+    stack = serving_stack(service)
+    log.info(f"event loop {stack['event_loop']}, HTTP parser {stack['http_parser']}, served images by "
+             f"{stack['renderer']}, image cache {service.image_cache_mb:g} MiB per worker")
     if settings.workers == 1:
         os.environ.pop(MULTIPROCESS_ENV, None)  # one process keeps its metrics in memory
         serve(create_app(pool, policy, service, sites=sites), settings.host, settings.port, settings.log_format)
@@ -71,6 +74,22 @@ def serve_pool(loaded: Loaded) -> None:
                                str(Path(settings.sites_file).resolve()) if settings.sites_file else None,
                                secret_from_env=loaded.secret_from == "env", sites_from_env=loaded.sites_from_env)
         serve_workers(config, settings.host, settings.port, settings.workers, settings.log_format)
+
+
+def serving_stack(service: ServiceSettings) -> dict:
+    """What serves requests here: uvicorn's event loop and HTTP parser (its "auto" picks uvloop and httptools
+    when installed: the `serve` extra) and the served-image renderer (resize + encode)."""
+    import importlib.util
+
+    from asirra.captcha.service.images import renderer_for
+
+    def installed(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    renderer = renderer_for(service.renderer)
+    return {"event_loop": "uvloop" if installed("uvloop") else "asyncio",
+            "http_parser": "httptools" if installed("httptools") else "h11",
+            "renderer": f"{renderer.resizer}+{renderer.encoder}"}
 
 
 def deployment_warnings(sites: Sites | None) -> list[str]:

@@ -45,6 +45,7 @@ from asirra.errors import ConfigError, UserError
 
 _RENDER = RenderSettings()
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+RENDERERS = ("auto", "pillow")
 # The verdict policy `asirra serve` starts with: the one `asirra captcha defend --accuracy 0.99` recommends
 # (the lowest bot pass rate among settings whose human 95% interval stays above 99%; tests/test_serve_settings.py
 # holds the two equal). Its cost: people sharing an address with a failing bot share its empty bucket.
@@ -101,6 +102,11 @@ class ServiceSettings:
     """JPEG quality of a served image, drawn per request."""
     max_crop: float = _RENDER.max_crop
     """Fraction trimmed from each edge, drawn per request."""
+    image_cache_mb: float = 256.0
+    """Decoded pool photos kept in memory per worker, at most this many MiB (~0.12 MiB per photo: a 500-photo
+    pool takes ~60 MiB); 0 decodes every serving. Served bytes are fresh either way."""
+    renderer: str = "auto"
+    """"auto": OpenCV resize + simplejpeg encode where installed, else Pillow; or "pillow"."""
     seed: int | None = None
     """Which challenges are drawn; never the tokens or the image jitter."""
     # Never printed, never a setting read from text (it comes from secret_file or ASIRRA_SECRET), never
@@ -142,6 +148,10 @@ class ServiceSettings:
         if self.image_quality[1] > 100:
             raise SettingError("image_quality", f"image_quality is a JPEG quality, at most 100, "
                                                 f"got {self.image_quality[1]}")
+        if not self.image_cache_mb >= 0:
+            raise SettingError("image_cache_mb", f"image_cache_mb must be 0 or more, got {self.image_cache_mb!r}")
+        if self.renderer not in RENDERERS:
+            raise SettingError("renderer", f"unknown renderer {self.renderer!r}; choose {', '.join(RENDERERS)}")
         if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
             raise SettingError("redis_url", f"--redis must be a redis://HOST:PORT/DB URL, got {self.redis_url!r}")
         object.__setattr__(self, "trusted_proxies", tuple(proxy_network(p) for p in self.trusted_proxies))

@@ -49,10 +49,6 @@ class Closed(StoreError):
         self.reason = reason
 
 
-class Full(StoreError):
-    """Too many challenges outstanding across all clients."""
-
-
 class Unavailable(StoreError):
     """The shared store cannot be reached (or disagrees with this worker); try again shortly.
 
@@ -74,7 +70,11 @@ class Limit:
 @dataclass(frozen=True)
 class StoreSettings:
     ttl_seconds: float
-    max_challenges: int  # outstanding, across all clients
+    # Outstanding across all clients, which bounds memory (~3 KB each). When full, a new challenge replaces
+    # the oldest one of its own client if it holds any, else the oldest of all; nobody is refused. So hoarders
+    # churn only their own, and pushing out a person's 30-s-old challenge takes ~max_challenges / 30
+    # challenges a second from addresses that hold none (benchmarks/README.md, floods).
+    max_challenges: int
     max_per_client: int  # outstanding per IP; a newer challenge replaces the oldest
     max_clients: int  # in-process tables forget the least recently seen beyond this
     pass_ttl_seconds: float

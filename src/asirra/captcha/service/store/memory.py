@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from asirra.captcha.safeguards import Safeguard, Verdict
 from asirra.captcha.service.clients import RateLimiter, SafeguardStates
-from asirra.captcha.service.store.base import Closed, Full, Issued, PassRecord, StoreSettings, Unknown, challenge_at
+from asirra.captcha.service.store.base import Closed, Issued, PassRecord, StoreSettings, Unknown, challenge_at
 
 
 class MemoryStore:
@@ -36,11 +36,11 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             self._expire(now)
-            if len(self._live) >= self._settings.max_challenges:
-                raise Full()
-            mine = self._by_ip.setdefault(ip, OrderedDict())
-            while len(mine) >= self._settings.max_per_client:
-                self._close(next(iter(mine)), "replaced")
+            while len(self._by_ip.get(ip, ())) >= self._settings.max_per_client:
+                self._close(next(iter(self._by_ip[ip])), "replaced")
+            if len(self._live) >= self._settings.max_challenges:  # full: StoreSettings.max_challenges
+                self._close(next(iter(self._by_ip[ip] if ip in self._by_ip else self._live)), "replaced")
+            mine = self._by_ip.setdefault(ip, OrderedDict())  # after the closes, which drop an emptied entry
             positions = tuple(int(p) for p in positions)
             tokens = tuple(secrets.token_urlsafe(16) for _ in positions)
             issued = Issued(secrets.token_urlsafe(16), positions, ip, now + self._settings.ttl_seconds, tokens,

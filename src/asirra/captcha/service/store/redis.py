@@ -19,7 +19,6 @@ from asirra.captcha.service.clients import worst
 from asirra.captcha.service.store.base import (
     KEY_PREFIX,
     Closed,
-    Full,
     Issued,
     PassRecord,
     StoreSettings,
@@ -70,7 +69,6 @@ local tokens = {}
 for i = 13, #ARGV do tokens[#tokens + 1] = ARGV[i] end
 local live, mine = prefix .. 'live', prefix .. 'ip:' .. ip
 redis.call('ZREMRANGEBYSCORE', live, '-inf', now)
-if redis.call('ZCARD', live) >= max_all then return {'full'} end
 -- A client's challenges, oldest first (one TTL for all: also the order they expire in).
 while redis.call('LLEN', mine) > 0 do
   local head = redis.call('GET', prefix .. 'chal:' .. redis.call('LINDEX', mine, 0))
@@ -79,6 +77,15 @@ while redis.call('LLEN', mine) > 0 do
 end
 while redis.call('LLEN', mine) >= max_mine do
   close(prefix, redis.call('LINDEX', mine, 0), ip, 'replaced', tomb_ms)
+end
+-- Full (StoreSettings.max_challenges): a client holding challenges replaces its own oldest, one holding none the
+-- oldest of all; nobody is refused and the table never grows.
+if redis.call('ZCARD', live) >= max_all then
+  if redis.call('LLEN', mine) > 0 then
+    close(prefix, redis.call('LINDEX', mine, 0), ip, 'replaced', tomb_ms)
+  else
+    close(prefix, redis.call('ZRANGE', live, 0, 0)[1], nil, 'replaced', tomb_ms)
+  end
 end
 local expires_at = now + ttl
 local record = cjson.encode({ip = ip, positions = positions, tokens = tokens, expires_at = expires_at, sitekey = sitekey,
@@ -270,8 +277,6 @@ class RedisStore:
             self._prefix, self._now(), challenge_id, ip, repr(ttl), math.ceil(ttl * 1000),
             self._settings.max_challenges, self._settings.max_per_client, int(TOMBSTONE_SECONDS * 1000),
             json.dumps(positions), sitekey or "", hostname, *tokens])
-        if reply[0] == "full":
-            raise Full()
         return self._issued(challenge_id, reply[1])
 
     async def image(self, token: str):
