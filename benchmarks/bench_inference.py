@@ -1,6 +1,6 @@
 """Inference speed, ONNX Runtime (fp32 and int8) vs PyTorch, through asirra.predict's Classifier.
 
-    python benchmarks/bench_inference.py [--data PATH] [--model M] [--challenges 30] [--images 500]
+    python benchmarks/bench_inference.py [--data PATH] [--model M] [--challenges 30] [--images 500] [--json]
 
 (a) CAPTCHA latency: `Classifier.solve` on 12 JPEG byte strings from test1, from bytes to answer
     (decode, resize, network), median and p90 over --challenges challenges, with the split between
@@ -9,7 +9,14 @@
 (c) agreement: max |P_onnx(dog) - P_torch(dog)| over those images, and how often `solve` differs;
     the same for the int8 export against fp32 ONNX (skipped if the model has no `model.int8.onnx`);
 (d) ONNX Runtime thread settings (all cores spinning, as asirra runs it; all cores without
-    spinning; one thread) on the network alone, one challenge's pixels at a time.
+    spinning; one thread) on the network alone, one challenge's pixels at a time;
+(e) the int8 kernel paths (asirra.cpu): where this CPU gets the fast ones (VNNI, AMX), the int8 export
+    also runs on the exact uint8 x uint8 kernels (`onnx-int8 exact`, what ASIRRA_INT8_KERNELS=exact and
+    CPUs without VNNI run) in the same interleaved run, with whether their logits are identical; where
+    it gets the exact ones, the fast ones saturate and are not timed.
+
+Every row names its kernel path, and the CPU (model, cores, the flags that decide) heads the output;
+`--json` prints it all as one object, with int8_vs_fp32_speedup and fast_vs_exact_speedup.
 
 Backends take turns on the same inputs, so load from other processes hits both alike. --model
 defaults to the model shipped in the package; any run or model folder works, and the speed does not
@@ -19,6 +26,7 @@ depend on the weights' values (a random head benchmarks as well as a trained one
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -26,12 +34,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import table  # benchmarks/report.py, beside this script
+from report import cpu_line, table  # benchmarks/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEST = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "test1"
 CHALLENGE_SIZE = 12
-BACKENDS = ("onnx-int8", "onnx", "torch")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,7 +65,8 @@ def bench_challenges(classifiers: dict, challenges: list[list[bytes]]) -> list[d
             pixels = clf.pixels(challenge)
             times[name]["decode"].append((time.perf_counter() - started) * 1000)
             times[name]["network"].append(milliseconds(clf.logits, pixels))
-    return [{"backend": name, "median_ms": statistics.median(t["solve"]), "p90_ms": percentile(t["solve"], 90),
+    return [{"backend": name, "kernels": classifiers[name].engine["kernels"],
+             "median_ms": statistics.median(t["solve"]), "p90_ms": percentile(t["solve"], 90),
              "max_ms": max(t["solve"]), "decode_ms": statistics.median(t["decode"]),
              "network_ms": statistics.median(t["network"])} for name, t in times.items()]
 
@@ -109,7 +117,43 @@ def agreement(predictions: dict, a: str, b: str) -> dict:
     assert [r.source for r in first.refs] == [r.source for r in second.refs]
     diff = np.abs(first.p_dog - second.p_dog)
     return {"pair": f"{a} vs {b}", "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "answers_differ": int(((first.p_dog < 0.5) != (second.p_dog < 0.5)).sum()), "images": len(diff)}
+            "answers_differ": int(((first.p_dog < 0.5) != (second.p_dog < 0.5)).sum()), "images": len(diff),
+            "identical": "yes" if np.array_equal(first.logits, second.logits) else "no"}
+
+
+def load_classifiers(model, kernels) -> tuple[dict, dict]:
+    """name -> Classifier, and name -> seconds to load. `onnx-int8` runs this machine's kernel path; where that
+    is a fast one, `onnx-int8 exact` runs the exact kernels too (where it is exact, fast ones would saturate)."""
+    from asirra.cpu import EXACT, KernelChoice
+    from asirra.predict import load_classifier
+
+    variants = {"onnx-int8": ("onnx-int8", None)}
+    if not kernels.exact:
+        exact = KernelChoice(True, EXACT, "benchmark: the exact path beside the fast")
+        variants["onnx-int8 exact"] = ("onnx-int8", exact)
+    variants.update({"onnx": ("onnx", None), "torch": ("torch", None)})
+    classifiers, load_s = {}, {}
+    for name, (backend, choice) in variants.items():
+        started = time.perf_counter()
+        try:
+            clf = load_classifier(model, backend=backend)
+        except ValueError as exc:
+            if backend == "onnx-int8":  # optional: only models exported with --int8 have it
+                print(f"skipping {name}: {exc}", file=sys.stderr)
+                continue
+            sys.exit(f"error: {exc}")
+        if choice is not None:
+            from asirra.predict import Classifier
+
+            clf = Classifier(clf.model, clf.config, backend=backend, folder=clf.folder, kernels=choice)
+        classifiers[name] = clf
+        load_s[name] = time.perf_counter() - started  # onnx: includes the export on first use
+    return classifiers, load_s
+
+
+def speedup(rows: list[dict], slow: str, fast: str, key: str) -> float | None:
+    by_name = {row["backend"]: row for row in rows}
+    return by_name[slow][key] / by_name[fast][key] if slow in by_name and fast in by_name else None
 
 
 def main() -> None:
@@ -120,12 +164,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=2, help="passes of the throughput test per backend")
     parser.add_argument("--cache-dir", default="/tmp/asirra-bench-cache", help="where exported ONNX files go")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     os.environ["ASIRRA_CACHE"] = args.cache_dir  # before asirra reads it
 
+    from asirra.cpu import describe_cpu, int8_kernels
     from asirra.data import scan
     from asirra.errors import DataError
-    from asirra.predict import load_classifier
 
     try:
         refs = scan(args.data, labelled=False)[: args.images]  # a Kaggle root gives its test1/
@@ -135,40 +180,53 @@ def main() -> None:
     challenges = [[refs[i * CHALLENGE_SIZE + j].read_bytes() for j in range(CHALLENGE_SIZE)] for i in range(n_challenge)]
 
     load_before = os.getloadavg()
-    classifiers, load_s = {}, {}
-    for backend in BACKENDS:
-        started = time.perf_counter()
-        try:
-            classifiers[backend] = load_classifier(args.model, backend=backend)
-        except ValueError as exc:
-            if backend == "onnx-int8":  # optional: only models exported with --int8 have it
-                print(f"skipping onnx-int8: {exc}")
-                continue
-            sys.exit(f"error: {exc}")
-        load_s[backend] = time.perf_counter() - started  # onnx: includes the export on first use
+    classifiers, load_s = load_classifiers(args.model, int8_kernels())
     latency = bench_challenges(classifiers, challenges)
     throughput, predictions = bench_throughput(classifiers, refs, args.repeats)
-    pairs = [("onnx", "torch")] + ([("onnx-int8", "onnx")] if "onnx-int8" in predictions else [])
-    agree = [agreement(predictions, a, b) for a, b in pairs]
+    pairs = [("onnx", "torch"), ("onnx-int8", "onnx"), ("onnx-int8 exact", "onnx"), ("onnx-int8", "onnx-int8 exact")]
+    agree = [agreement(predictions, a, b) for a, b in pairs if a in predictions and b in predictions]
     ort_settings = bench_ort_settings(classifiers["onnx"], challenges)
     load_after = os.getloadavg()
 
     clf = classifiers["onnx"]
-    print(f"\nmodel {clf.name} ({args.model or 'package default'}), {clf.image_size} px, "
-          f"{os.cpu_count()} cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    kernels = int8_kernels()
+    summary = {
+        "cpu": describe_cpu(), "model": clf.name, "image_size": clf.image_size, "load_before": load_before,
+        "load_after": load_after, "engines": {name: c.engine for name, c in classifiers.items()},
+        "load_seconds": load_s, "latency": latency, "throughput": throughput, "agreement": agree,
+        "ort_threads": ort_settings,
+        "int8_vs_fp32_speedup": {"solve": speedup(latency, "onnx", "onnx-int8", "median_ms"),
+                                 "network": speedup(latency, "onnx", "onnx-int8", "network_ms")},
+        "fast_vs_exact_speedup": {"solve": speedup(latency, "onnx-int8 exact", "onnx-int8", "median_ms"),
+                                  "network": speedup(latency, "onnx-int8 exact", "onnx-int8", "network_ms")},
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print("\n" + cpu_line(summary["cpu"], load_before, load_after))
+    print(f"model {clf.name} ({args.model or 'package default'}), {clf.image_size} px")
     print("load_classifier: " + ", ".join(f"{b} {s:.1f} s" for b, s in load_s.items()) + " (onnx includes any export)")
     print(f"\n(a) one {CHALLENGE_SIZE}-image challenge, JPEG bytes -> answer, over {n_challenge} challenges\n")
-    print(table(latency, [("backend", "backend", ""), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f"),
-                          ("max_ms", "max ms", ".1f"), ("decode_ms", "of which decode", ".1f"),
+    print(table(latency, [("backend", "backend", ""), ("kernels", "kernels", ""), ("median_ms", "median ms", ".1f"),
+                          ("p90_ms", "p90 ms", ".1f"), ("max_ms", "max ms", ".1f"), ("decode_ms", "of which decode", ".1f"),
                           ("network_ms", "network", ".1f")]))
     print(f"\n(b) predict_refs throughput (median of {args.repeats})\n")
     print(table(throughput, [("backend", "backend", ""), ("images", "images", "d"), ("seconds", "seconds", ".1f"),
                              ("img_s", "img/s", ".1f")]))
     print(f"\n(c) agreement of P(dog) over {agree[0]['images']} images\n")
     print(table(agree, [("pair", "backends", ""), ("max_abs_diff", "max |dP|", ".2e"), ("mean_abs_diff", "mean |dP|", ".2e"),
-                        ("answers_differ", "answers differ", "d")]))
+                        ("answers_differ", "answers differ", "d"), ("identical", "logits identical", "")]))
     print(f"\n(d) ONNX Runtime threads: the network alone on one challenge ({n_challenge} challenges)\n")
     print(table(ort_settings, [("setting", "setting", ""), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f")]))
+    fast, int8 = summary["fast_vs_exact_speedup"], summary["int8_vs_fp32_speedup"]
+    if fast["solve"]:
+        print(f"\n(e) int8 kernels: fast ({kernels.path}) vs exact: {fast['solve']:.2f}x per challenge, "
+              f"{fast['network']:.2f}x on the network")
+    else:
+        print(f"\n(e) int8 kernels: {kernels.path} on this CPU; fast kernels saturate here, not timed")
+    if int8["solve"]:
+        print(f"    int8 ({kernels.path}) vs fp32: {int8['solve']:.2f}x per challenge, "
+              f"{int8['network']:.2f}x on the network")
 
 
 if __name__ == "__main__":

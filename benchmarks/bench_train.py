@@ -47,7 +47,7 @@ from asirra.data import scan
 from asirra.errors import DataError
 from asirra.models import create_model
 from asirra.tasks import PixelTask
-from asirra.train import _train_one_epoch, reuse_freed_memory
+from asirra.training import _train_one_epoch, reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"

@@ -7,7 +7,9 @@ one run, so their ratio is the figure to trust on a shared machine. Each runs in
 (the bots' work does not slow it down) on 127.0.0.1 only, with rate limits raised out of the way;
 the Redis one gets a private redis-server on a free port, without persistence, stopped at the end.
 The bots guess at random, so the numbers measure the service (challenge, 12 re-encoded JPEGs,
-verdict), not a model. Latency is per whole challenge; every bot runs a bounded number of them.
+verdict), not a model. Latency is per whole challenge; every bot runs a bounded number of them. After each
+run the server's /metrics is read and compared with the bots' own counts ("metrics_agree"; with 2 workers
+the scrape sums both).
 """
 
 from __future__ import annotations
@@ -46,19 +48,19 @@ def build_config(data: str, pool_size: int, max_challenges: int, secret_file: st
     refs = scan(data, labelled=True)
     picks = np.random.default_rng(0).choice(len(refs), size=min(pool_size, len(refs)), replace=False)
     pool = usable_pool([refs[i] for i in sorted(picks)], progress=False)
+    # One log line per request would cost the server more than some of the requests.
     settings = ServiceSettings(challenge_rate=1e6, challenge_burst=10**6, request_rate=1e6, request_burst=10**6,
-                               max_per_client=10**6, max_challenges=max_challenges, seed=0)
+                               max_per_client=10**6, max_challenges=max_challenges, seed=0, access_log=False)
     return worker_config(pool, make_safeguard("none"), settings, secret_file, None)
 
 
 def run_server(config: dict, port: int, workers: int) -> None:
     from asirra.captcha.service.run import app_from_config, serve, serve_workers
 
-    # One log line per request would cost the server more than some of the requests.
     if workers == 1:
-        serve(app_from_config(config), HOST, port, access_log=False)
+        serve(app_from_config(config), HOST, port)
     else:
-        serve_workers(config, HOST, port, workers, access_log=False)
+        serve_workers(config, HOST, port, workers)
 
 
 def free_port() -> int:
@@ -113,6 +115,7 @@ def measure(config: dict, workers: int, total: int, clients: int, progress: bool
     try:
         wait_until_up(url, server)
         report = attack(url, total, RandomGuesser(), concurrency=clients, progress=progress)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text  # with --workers N, any worker answers for all
     finally:
         server.terminate()  # SIGTERM: uvicorn's supervisor stops its workers too
         server.join(15)
@@ -120,7 +123,27 @@ def measure(config: dict, workers: int, total: int, clients: int, progress: bool
             server.kill()
     summary = report.to_dict()
     summary["challenges_per_second"] = total / report.wall_seconds
+    summary["metrics"] = counted = service_counts(metrics)
+    summary["metrics_agree"] = counted == {"issued": report.attempted, "answers": summary["results"],
+                                           "images": 12 * report.attempted}
     return summary
+
+
+def service_counts(text: str) -> dict:
+    """What the service's /metrics says it did: challenges issued, answers by verdict, images served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"issued": 0, "answers": {"pass": 0, "almost": 0, "fail": 0}, "images": 0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "asirra_challenges_issued_total":
+                counts["issued"] += int(sample.value)
+            elif sample.name == "asirra_answers_total":
+                counts["answers"][sample.labels["verdict"]] += int(sample.value)
+            elif sample.name == "asirra_request_duration_seconds_count" \
+                    and sample.labels["route"] == "/api/image/{token}":
+                counts["images"] += int(sample.value)
+    return counts
 
 
 def main() -> None:
@@ -158,7 +181,7 @@ def main() -> None:
     for name, run in runs.items():
         print(f"  {name:<22} {run['challenges_per_second']:6.1f} challenges/s in {run['wall_seconds']:.1f} s; latency "
               f"per challenge p50 {run['p50_ms']:.0f} ms, p90 {run['p90_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms; "
-              f"errors: {run['refused'] or 'none'}")
+              f"errors: {run['refused'] or 'none'}; /metrics agrees with the bots: {run['metrics_agree']}")
     print(f"throughput, redis with 2 workers / in-process with 1: {ratio:.2f}x")
 
 

@@ -94,15 +94,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(args: list[str], log: Path, start_seconds: float = 90.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """The real `asirra serve ARGS` on a free loopback port, up and answering /healthz; always stopped after.
+def serving(args: list[str], log: Path, start_seconds: float = 90.0,
+            env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real `asirra serve ARGS` (with `env` added to the environment) on a free loopback port, up and
+    answering /healthz; always stopped after.
 
     It runs in its own process group, so uvicorn's worker processes go down with it.
     """
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "asirra", "serve", "--port", str(port), *args],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_seconds
@@ -154,3 +157,17 @@ def answer(client, challenge_id, selected):
 def truth(app, challenge) -> set[int]:
     """The cats of an issued challenge, read from the app in-process (no route exposes them)."""
     return set(app.state.store.peek(challenge["id"]).challenge.answer)
+
+
+def check_a_full_table_replaces_instead_of_refusing(a, b, c) -> None:
+    """Three clients of a service with max_challenges=2 (StoreSettings.max_challenges): when full, a client
+    holding challenges replaces its own oldest, one holding none the oldest of all; nobody gets a refusal."""
+    a1, b1 = new_challenge(a), new_challenge(b)
+    a2 = new_challenge(a)  # full, and a holds one: a1 goes
+    c1 = new_challenge(c)  # full, and c holds none: the oldest of all, b1, goes
+    assert a.get("/healthz").json()["outstanding"] == 2
+    for client, challenge in ((a, a1), (b, b1)):
+        replaced = answer(client, challenge["id"], [])
+        assert replaced.status_code == 410 and "replaced" in replaced.json()["error"]
+    for client, challenge in ((a, a2), (c, c1)):
+        assert answer(client, challenge["id"], []).status_code == 200

@@ -70,3 +70,26 @@ def tiny_kaggle_root(tmp_path) -> Path:
     for i in range(1, 5):
         write_image(root / "test1" / f"{i}.jpg", color=(200, 90, 40) if i % 2 else (40, 90, 200), seed=200 + i)
     return root
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory) -> Path:
+    """The documentation site, built once per session in strict mode (a broken link, a missing page or an
+    unresolved reference fails it): the folder holding index.html. Without mkdocs a skip, under CI a failure."""
+    import subprocess
+    import sys
+
+    try:
+        import material  # noqa: F401
+        import mkdocs  # noqa: F401
+    except ImportError:
+        reason = "mkdocs / mkdocs-material not installed (pip install -e '.[docs]')"
+        if data_required():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    site = tmp_path_factory.mktemp("site")
+    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert built.returncode == 0, built.stdout + built.stderr
+    return site

@@ -25,15 +25,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def installed_or_skip(binary: str, variable: str, reason: str, where: tuple[str, ...] = ()) -> str:
+    """The path of `binary` (on PATH or at one of `where`), else a skip with `reason`, or a failure when the
+    environment `variable` is 1 (as CI sets it)."""
+    found = shutil.which(binary) or next((path for path in where if os.access(path, os.X_OK)), None)
+    if found is None:
+        if os.environ.get(variable) == "1":
+            pytest.fail(f"{reason}, and {variable}=1 says these tests must run")
+        pytest.skip(reason)
+    return found
+
+
 def redis_binary() -> str:
     """The redis-server executable, or skip (fail when ASIRRA_REQUIRE_REDIS=1)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        reason = "redis-server is not installed (apt-get install redis-server; `make redis-server` does it as root)"
-        if os.environ.get("ASIRRA_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{reason}, and ASIRRA_REQUIRE_REDIS=1 says the Redis tests must run")
-        pytest.skip(reason)
-    return binary
+    return installed_or_skip("redis-server", "ASIRRA_REQUIRE_REDIS", "redis-server is not installed (apt-get install "
+                             "redis-server; `make redis-server` does it as root)")
 
 
 class RedisServer:

@@ -93,7 +93,7 @@ def test_optimizer_setting_chooses_the_optimizer():
     import torch
 
     from asirra.config import TrainConfig
-    from asirra.train import _make_optimizer
+    from asirra.training import _make_optimizer
 
     groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(2))]}]  # noqa: E731
     for name, kind in [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop)]:
@@ -162,13 +162,13 @@ def test_report_lists_every_variant_with_its_comparison(ablation):
 
 
 def test_a_finished_ablation_reruns_without_training(ablation, monkeypatch):
-    import asirra.train
+    import asirra.training
     from asirra.ablate import read_ablation, run_ablation
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished fold was trained again")
 
-    monkeypatch.setattr(asirra.train, "train_on", no_training)
+    monkeypatch.setattr(asirra.training, "train_on", no_training)
     toml = ablation.parent / "a.toml"
     before = (ablation / "report.md").read_text()
     run_ablation(read_ablation(toml), str(ablation.parent / "data"), ablation)

@@ -14,7 +14,7 @@ from captcha_service_support import GENEROUS, ColourClassifier, FakeClock, make_
 from PIL import Image
 from typer.testing import CliRunner
 
-import asirra.predict
+import asirra.api
 from asirra.captcha.attack.bot import DEFAULT_MAX_WAIT, AttackError, attack
 from asirra.captcha.attack.counter import parse_preprocess
 from asirra.captcha.safeguards import make_safeguard
@@ -27,7 +27,7 @@ from asirra.stats import wilson_interval
 
 REPORT_FIELDS = {"attempted", "answered", "passed", "results", "solve_rate", "solve_rate_ci", "refused",
                  "refused_total", "retries", "waited_seconds", "max_wait", "wall_seconds", "passes_per_hour",
-                 "p50_ms", "p90_ms", "p99_ms", "preprocess", "backend"}
+                 "p50_ms", "p90_ms", "p99_ms", "preprocess", "backend", "kernels"}
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def fake_loader(monkeypatch):
         asked.update(model=model, backend=backend)
         return ColourClassifier()
 
-    monkeypatch.setattr(asirra.predict, "load_classifier", load_classifier)
+    monkeypatch.setattr(asirra.api, "load_classifier", load_classifier)  # where `asirra attack` loads its model
     return asked
 
 
@@ -274,7 +274,20 @@ def test_cli_attack_refuses_bad_settings_before_loading_any_model(options, words
 def test_cli_serve_refuses_a_missing_data_folder_or_unknown_safeguard(tmp_path):
     command = ["serve"]
     missing = CliRunner().invoke(cli, [*command, "--data", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2 and "error: no such file or folder" in missing.output
+    assert missing.exit_code == 2 and "error: --data " in missing.output and "no such file or folder" in missing.output
     make_pool(tmp_path / "pool")
     unknown = CliRunner().invoke(cli, [*command, "--data", str(tmp_path / "pool"), "--safeguard", "moat"])
-    assert unknown.exit_code == 2 and "error: unknown safeguard 'moat'" in unknown.output
+    assert unknown.exit_code == 2 and "error: --safeguard moat: unknown safeguard 'moat'" in unknown.output
+
+
+def test_the_bot_runs_where_an_event_loop_is_already_running(pool):
+    """A Jupyter kernel runs an event loop in its main thread: asyncio.run() alone would refuse."""
+    import asyncio
+
+    app = create_app(pool, make_safeguard("none"), GENEROUS)
+
+    async def inside_a_loop():
+        return attack("http://test", 3, ColourClassifier(), transport=httpx.ASGITransport(app=app))
+
+    report = asyncio.run(inside_a_loop())
+    assert (report.attempted, report.answered) == (3, 3)

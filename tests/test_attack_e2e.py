@@ -34,7 +34,7 @@ N_CHALLENGES = 150
 # challenges that a bucket doing nothing is rejected at 4 sigma, while a working one clears that
 # line with ~3.6 sigma to spare (a false alarm about once in 6,000 runs).
 SEPARATING_CHALLENGES = 200
-TOKEN_BUCKET = "token-bucket:capacity=1"  # the strictest setting the README measures live
+TOKEN_BUCKET = "token-bucket:capacity=1"  # the strictest setting measured live (docs/results/captcha.md)
 # Served images smaller than the service's default: the colour bot needs no detail, and each
 # challenge costs a third less CPU (the test stays well under a minute on two shared cores).
 SMALL_IMAGES = ServiceSettings(**{**GENEROUS.__dict__, "image_side": (48, 64)})

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from asirra.captcha.attack.bot import OneAddress, Rotating, attack
 from asirra.captcha.attack.solvers import LookupSolver, thumbnail
 from asirra.captcha.experiments import bill as billing
-from asirra.captcha.experiments.pool import PoolError, load_pool, make_pool as make_study_pool, partition
+from asirra.captcha.experiments.pool import PoolError, load_pool, partition
+from asirra.captcha.experiments.pool import make_pool as make_study_pool
 from asirra.captcha.experiments.study.plan import StudyConfig, StudyResult
 from asirra.captcha.rendering import RenderSettings, render_jpeg
 from asirra.captcha.safeguards import parse_safeguard

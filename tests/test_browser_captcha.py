@@ -6,10 +6,10 @@ The test reads each challenge's answer from the app in-process, as a person woul
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from browser_support import ARTIFACTS, browser  # noqa: F401  (fixture)
 from captcha_service_support import GENEROUS, make_pool
 
 from asirra.captcha.safeguards import make_safeguard
@@ -19,11 +19,7 @@ from asirra.data import scan
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 SHARED_TRAIN = ROOT.parent / "shared" / "datasets" / "dogs-vs-cats" / "train"
 IMAGES_SHOWN = (
     "() => { const imgs = [...document.querySelectorAll('#grid img')];"
@@ -31,29 +27,9 @@ IMAGES_SHOWN = (
 )
 
 
-def _require_browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright, reason = None, "playwright is not installed (pip install -e '.[test]')"
-    else:
-        reason = None if CHROMIUM.exists() else f"no Chromium at {CHROMIUM} (run `make chromium` as root)"
-    if reason:
-        if os.environ.get("ASIRRA_REQUIRE_BROWSER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return sync_playwright
-
-
 @pytest.fixture
-def page():
-    sync_playwright = _require_browser()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 760, "height": 700})
-        finally:
-            browser.close()
+def page(browser):
+    return browser.new_page(viewport={"width": 760, "height": 700})
 
 
 @pytest.fixture
@@ -112,7 +88,7 @@ def test_the_hardened_pool_page_shows_each_original_beside_its_hardened_copy(pag
 
     torch.manual_seed(0)  # an untrained surrogate has gradients like any network, at a fraction of the cost
     surrogate = load_surrogate(str(save_model(SeedCNN(), ModelConfig("seed-cnn", 128), tmp_path / "surrogate")))
-    source = scan(SHARED_TRAIN) if SHARED_TRAIN.is_dir() else scan(make_pool(tmp_path / "pool", cats=4, dogs=4))
+    source = scan(SHARED_TRAIN) if SHARED_TRAIN.is_dir() else make_pool(tmp_path / "pool", cats=4, dogs=4)
     refs = [ref for ref in source if ref.label == 0][:4] + [ref for ref in source if ref.label == 1][:4]
     config = HardenConfig(method="pgd", epsilon=16 / 255, steps=2, eot=1, surrogates=(surrogate.name,))
     harden_pool(refs, tmp_path / "hardened", config, [surrogate], progress=False)

@@ -86,6 +86,7 @@ def test_evaluate_json_prints_one_object_and_writes_the_plots(model, labelled, t
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # stdout holds exactly one JSON object
     assert report["n"] == 16
+    assert report["engine"]["backend"] == report["backend"] and report["engine"]["kernels"]  # what answered
     assert 0 <= report["accuracy"] <= 1 and report["log_loss"] > 0 and 0 <= report["auc"] <= 1
     assert 0 <= report["challenge_solve_rate"] <= 1
     for plot in ("confusion.png", "roc.png", "mistakes.png"):

@@ -208,12 +208,12 @@ def test_continuing_with_other_settings_is_refused(flipped_cv):
 
 
 def test_a_killed_cv_continues_at_the_fold_and_epoch_where_it_stopped(tmp_path, monkeypatch):
-    import asirra.train
+    import asirra.training
     from asirra.crossval import cross_validate
 
     data = write_distinct_dataset(tmp_path / "data", per_class=9)
     config = toy_config(data, tmp_path / "cv", epochs=2)
-    real_train_on = asirra.train.train_on
+    real_train_on = asirra.training.train_on
     calls = []
 
     def killed_in_fold_2(cached, train_idx, val_idx, config, run, resume=False, **kw):
@@ -225,7 +225,7 @@ def test_a_killed_cv_continues_at_the_fold_and_epoch_where_it_stopped(tmp_path, 
 
         return real_train_on(cached, train_idx, val_idx, config, run, resume=resume, on_epoch=stop, **kw)
 
-    monkeypatch.setattr(asirra.train, "train_on", killed_in_fold_2)
+    monkeypatch.setattr(asirra.training, "train_on", killed_in_fold_2)
     with pytest.raises(KeyboardInterrupt):
         cross_validate(config, folds=3)
     assert calls == [("fold-1", False), ("fold-2", False)]

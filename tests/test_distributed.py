@@ -228,18 +228,18 @@ def test_early_stopping_is_decided_once_for_every_rank(job):
 
 def worker(dump: Path, fake_validation: bool, train_args: list[str]) -> None:
     import asirra.tasks
-    import asirra.train
+    import asirra.training
     from asirra.cli import app
 
     rank = int(os.environ["RANK"])
-    fit = asirra.train.fit
+    fit = asirra.training.fit
 
     def fit_and_dump(task, *args, **kwargs):
         state = fit(task, *args, **kwargs)
         torch.save(task.model.state_dict(), dump / f"rank{rank}.pt")  # the replica, before rank 0 reloads the best epoch
         return state
 
-    asirra.train.fit = fit_and_dump
+    asirra.training.fit = fit_and_dump
     if fake_validation:
         calls = [0]
 

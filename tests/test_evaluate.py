@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from scipy.special import expit
 
-from asirra import calibration, evaluate, stats
+from asirra import calibration, stats
+from asirra import evaluation as evaluate
 from asirra.calibration import EPS, InvalidPredictions, fit_temperature
-from asirra.evaluate import challenge_solve_rate, classification_metrics, worst_mistakes
+from asirra.evaluation import challenge_solve_rate, classification_metrics, worst_mistakes
 from asirra.stats import wilson_interval
 
 Y = np.array([0, 0, 1, 1, 0, 1])

@@ -1,4 +1,4 @@
-"""Grad-CAM (asirra.explain): the map sits on what decides the output, explains the predicted class,
+"""Grad-CAM (asirra.gradcam): the map sits on what decides the output, explains the predicted class,
 and `asirra explain` / `asirra evaluate --explain` write their files for seed-cnn and EfficientNet-Lite."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from asirra.cli import app
-from asirra.explain import gradcam, gradcam_overlays, target_layer
+from asirra.gradcam import gradcam, gradcam_overlays, target_layer
 from asirra.labels import CAT, DOG
 
 S = 32  # toy input side; the toy's feature map is S / 4 = 8 cells across
@@ -193,7 +193,7 @@ def test_evaluate_draws_the_mistakes_with_their_grad_cam_overlays(tmp_path, seed
     from asirra import plots
     from asirra.calibration import predicted_labels
     from asirra.data import scan
-    from asirra.evaluate import evaluate_model, worst_mistakes
+    from asirra.evaluation import evaluate_model, worst_mistakes
     from asirra.images import read_pixels
     from asirra.predict import load_classifier
 
@@ -224,7 +224,7 @@ def test_evaluate_draws_the_mistakes_with_their_grad_cam_overlays(tmp_path, seed
 
 
 def test_evaluate_command_explains_by_default_and_not_with_no_explain(tmp_path, seed_model, monkeypatch):
-    from asirra import evaluate
+    from asirra import evaluation as evaluate
 
     asked, real = [], evaluate.evaluate_model
 
@@ -246,4 +246,4 @@ def test_explain_imports_no_evaluation_code_so_evaluate_can_import_it():
     from test_structure import package_imports
 
     graph = package_imports()
-    assert "asirra.evaluate" not in graph["asirra.explain"] and "asirra.explain" in graph["asirra.evaluate"]
+    assert "asirra.evaluation" not in graph["asirra.gradcam"] and "asirra.gradcam" in graph["asirra.evaluation"]

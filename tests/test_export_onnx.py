@@ -72,19 +72,6 @@ def test_exported_module_takes_any_batch_size(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["seed.onnx"]  # written atomically, no temp file left
 
 
-def test_sessions_ask_for_exact_int8_kernels(tmp_path):
-    # Without it, CPUs lacking VNNI saturate uint8 x int8 sums and the int8 test below fails there
-    # (correlation 0.77); a VNNI machine passes either way, so this guards the setting everywhere.
-    import onnx
-    from onnx import TensorProto, helper
-
-    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None]) for name in ("pixels", "out")]
-    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["out"])], "identity", io[:1], io[1:])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "id.onnx")
-    options = onnx_session(tmp_path / "id.onnx", threads=1).get_session_options()
-    assert options.get_session_config_entry("session.x64quantprecision") == "1"
-
-
 def test_state_fingerprint_follows_the_weights():
     torch.manual_seed(0)
     net = create_model("seed-cnn")
@@ -136,3 +123,33 @@ def test_packaging_writes_fp16_weights_val_keys_card_and_a_fresh_int8_export(tmp
     assert not (dest / "model.int8.onnx").exists() and "int8" not in (dest / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="already the packaged model"):
         package_model(dest, dest)
+
+
+@pytest.mark.slow  # exports and quantizes a Lite0 (~45 s)
+def test_a_copy_at_another_image_size_has_its_own_exports_and_answers(tmp_path, make_image):
+    from asirra.errors import ConfigError
+    from asirra.export import export_model
+
+    folder = save_spread_model(tmp_path / "m", "effnet-lite0")  # at 224 px; pools globally, as Lite2 does
+    for i in range(6):
+        make_image(tmp_path / "calibration" / f"{i}.jpg", size=(90, 70), color=(40 * i, 90, 200 - 30 * i))
+    report = export_model(folder, int8=True, calibration=tmp_path / "calibration", image_size=160, out=tmp_path / "at160")
+    assert set(report.files) == {"onnx", "onnx-int8"} and report.calibration_images == 6
+    copy = load_classifier(tmp_path / "at160")
+    assert copy.image_size == 160 and copy.backend == "onnx-int8"
+    assert copy._session.get_inputs()[0].shape[1:] == [3, 160, 160]
+    original = load_classifier(folder, backend="torch")
+    assert copy.config.temperature == original.config.temperature
+    # The same weights, reading 160 px: its fp32 export computes what its torch module does at that size.
+    same = load_classifier(tmp_path / "at160", backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(same.model.state_dict().values(), original.model.state_dict().values()))
+    images = varied_images()
+    np.testing.assert_allclose(load_classifier(tmp_path / "at160", backend="onnx").predict_proba(images),
+                               same.predict_proba(images), atol=1e-4)
+    with pytest.raises(ConfigError, match="--image-size and --out go together"):
+        export_model(folder, image_size=160)
+    with pytest.raises(ConfigError, match="the model's own folder"):
+        export_model(folder, image_size=160, out=folder)
+    with pytest.raises(ConfigError, match="only fit its own input size"):
+        export_model(save_spread_model(tmp_path / "seed"), image_size=96, out=tmp_path / "seed96")
+    assert not (tmp_path / "seed96").exists()  # refused before anything was written

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from asirra import evaluate, metrics, plots
+from asirra import evaluation as evaluate
+from asirra import metrics, plots
 from asirra.calibration import InvalidPredictions
 
 CLASSES = ["a", "b", "c"]

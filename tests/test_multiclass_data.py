@@ -168,7 +168,7 @@ def test_data_check_counts_images_per_class_for_n_classes(tmp_path):
 
 
 def test_n_class_loss_is_cross_entropy_with_label_smoothing_and_binary_is_unchanged():
-    from asirra.train import loss_and_accuracy, training_loss
+    from asirra.training import loss_and_accuracy, training_loss
 
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
     targets = torch.tensor([0, 2])
@@ -190,7 +190,7 @@ def read_csv(path):
 
 def test_seed_cnn_trains_three_classes_with_a_three_wide_head_and_records_them(tmp_path):
     from asirra.models import load_model
-    from asirra.train import train
+    from asirra.training import train
 
     root = class_folders(tmp_path / "d", per_class=10)
     config = tiny_train_config(root, tmp_path / "run", image_size=16, model_options=SMALL, augment=None, batch_size=8,
@@ -215,7 +215,7 @@ def test_seed_cnn_trains_three_classes_with_a_three_wide_head_and_records_them(t
 
 
 def test_a_resumed_three_class_run_continues_from_its_checkpoint(tmp_path):
-    from asirra.train import train
+    from asirra.training import train
 
     root = class_folders(tmp_path / "d", per_class=8)
     first = tiny_train_config(root, tmp_path / "run", image_size=16, model_options=SMALL, augment=None, batch_size=8,
@@ -232,7 +232,7 @@ def test_a_resumed_three_class_run_continues_from_its_checkpoint(tmp_path):
 
 def test_a_cat_dog_run_still_trains_one_logit(tmp_path):
     from asirra.models import load_model
-    from asirra.train import train
+    from asirra.training import train
 
     root = class_folders(tmp_path / "d", per_class=8, colours={"Cat": COLOURS["red"], "Dog": COLOURS["blue"]})
     run = train(tiny_train_config(root, tmp_path / "run", image_size=16, model_options=SMALL, augment=None,
@@ -248,7 +248,7 @@ def test_a_cat_dog_run_still_trains_one_logit(tmp_path):
 
 def test_linear_probe_on_cached_features_trains_a_three_way_head(tmp_path):
     from asirra.models import load_model
-    from asirra.train import train
+    from asirra.training import train
 
     root = class_folders(tmp_path / "d", per_class=5)
     config = tiny_train_config(root, tmp_path / "run", model="effnet-lite0", image_size=64, strategy="linear",
@@ -297,7 +297,7 @@ def test_cross_validation_refuses_more_folds_than_the_smallest_class_has_images(
 @pytest.mark.slow  # a second backbone export
 def test_finetuning_the_top_block_trains_a_three_way_head(tmp_path):
     from asirra.models import create_model, load_model
-    from asirra.train import train
+    from asirra.training import train
 
     root = class_folders(tmp_path / "d", per_class=5)
     config = tiny_train_config(root, tmp_path / "run", model="effnet-lite0", image_size=64, strategy="finetune",

@@ -22,10 +22,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import asirra
-from asirra import evaluate, plots
+from asirra import evaluation as evaluate
+from asirra import plots
 from asirra.cli import app
 from asirra.data import scan
-from asirra.explain import gradcam
+from asirra.gradcam import gradcam
 from asirra.predict import TargetClassError, load_classifier
 
 SIZE = 32
@@ -117,7 +118,7 @@ def test_classifier_gives_calibrated_softmax_rows_in_class_order(clf3, data3):
 
 def test_the_old_class_probability_method_warns_and_gives_predict_proba(clf3, data3):
     images = sources(data3)
-    with pytest.warns(DeprecationWarning, match="predict_classes_proba is deprecated"):
+    with pytest.warns(FutureWarning, match="predict_classes_proba is deprecated"):
         old = clf3.predict_classes_proba(images)
     np.testing.assert_array_equal(old, clf3.predict_proba(images))
 
@@ -372,7 +373,7 @@ def test_explain_command_explains_the_predicted_class_or_the_one_asked(model3, c
 
 
 def test_evaluate_draws_n_class_mistakes_under_their_predicted_class_map(model3, clf3, data3, tmp_path):
-    from asirra.explain import gradcam_overlays
+    from asirra.gradcam import gradcam_overlays
     from asirra.metrics import mistake_order
 
     evaluation = evaluate.evaluate_model(clf3, scan(data3, labelled=True), tmp_path, progress=False, explain=True)

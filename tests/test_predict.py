@@ -15,7 +15,7 @@ import asirra.models
 import asirra.predict
 from asirra.calibration import fit_temperature
 from asirra.data import scan
-from asirra.evaluate import log_loss
+from asirra.evaluation import log_loss
 from asirra.images import UnusableImage
 from asirra.models import load_model, save_model
 from asirra.predict import SUBMISSION_CLIP, Classifier, load_classifier, predict_refs, write_submission

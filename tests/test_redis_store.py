@@ -10,7 +10,16 @@ import asyncio
 
 import httpx
 import pytest
-from captcha_service_support import GENEROUS, FakeClock, TestClient, answer, make_pool, new_challenge, truth
+from captcha_service_support import (
+    GENEROUS,
+    FakeClock,
+    TestClient,
+    answer,
+    check_a_full_table_replaces_instead_of_refusing,
+    make_pool,
+    new_challenge,
+    truth,
+)
 from redis_support import redis_server  # noqa: F401  (fixture)
 
 from asirra.captcha.safeguards import parse_safeguard
@@ -77,8 +86,27 @@ def test_pass_token_verifies_once_whichever_worker_is_asked(pool, redis_server):
     with TestClient(a) as on_a, TestClient(b) as on_b:
         challenge = new_challenge(on_a, SITE.key)
         token = answer(on_b, challenge["id"], truth(a, challenge)).json()["token"]
-        assert _verify(on_b, token) == {"success": True, "error-codes": []}
+        verdict = _verify(on_b, token)
+        assert verdict["success"] is True and verdict["hostname"] == "testserver" and verdict["challenge_ts"]
         assert _verify(on_a, token) == {"success": False, "error-codes": ["timeout-or-duplicate"]}
+
+
+def test_a_pass_written_before_hostnames_existed_still_verifies(pool, redis_server):
+    """A rolling restart: a token minted by the old code ("sitekey expires_at" in Redis) verifies once with the new."""
+    import redis
+
+    app = _worker(pool, redis_server.url)
+    with TestClient(app) as client:
+        challenge = new_challenge(client, SITE.key)
+        token = answer(client, challenge["id"], truth(app, challenge)).json()["token"]
+        nonce = token.split(".")[0]
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        key = f"asirra:pass:{nonce}"
+        expires_at = raw.get(key).split(" ")[1]
+        raw.set(key, f"{SITE.key} {expires_at}", px=60_000)  # the old format
+        verdict = _verify(client, token)
+        assert verdict["success"] is True and verdict["hostname"] == "" and verdict["challenge_ts"].endswith("Z")
+        assert _verify(client, token)["error-codes"] == ["timeout-or-duplicate"]
 
 
 def test_pass_token_expires_after_its_ttl(pool, redis_server):
@@ -142,12 +170,11 @@ def test_expired_replaced_and_unknown_challenges_get_their_precise_refusal(pool,
         assert client.get("/healthz").json()["outstanding"] == 2
 
 
-def test_server_full_of_challenges_answers_503(pool, redis_server):
+def test_a_full_server_replaces_the_oldest_challenge_instead_of_refusing(pool, redis_server):
     app = _worker(pool, redis_server.url, max_challenges=2)
-    with TestClient(app, client=("10.0.0.1", 1)) as one, TestClient(app, client=("10.0.0.2", 1)) as two:
-        new_challenge(one), new_challenge(two)
-        refused = TestClient(app, client=("10.0.0.3", 1)).post("/api/challenge")
-        assert refused.status_code == 503 and "busy" in refused.json()["error"]
+    with TestClient(app, client=("10.0.0.1", 1)) as a, TestClient(app, client=("10.0.0.2", 1)) as b, \
+            TestClient(app, client=("10.0.0.3", 1)) as c:
+        check_a_full_table_replaces_instead_of_refusing(a, b, c)
 
 
 def test_redis_outage_is_a_503_with_retry_after_and_the_service_recovers(pool, redis_server):

@@ -77,6 +77,26 @@ def test_two_worker_processes_accept_one_answer_once(tmp_path, service_args):
         assert all(v["error-codes"] == ["timeout-or-duplicate"] for v in verdicts[1:])
 
 
+def test_two_worker_processes_report_one_sum_in_every_scrape(tmp_path, service_args):
+    """Each worker counts its own requests; whichever answers /metrics sums them all (prometheus-client's
+    multiprocess mode, in a folder `asirra serve` makes for it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with serving([*service_args, "--workers", "2"], tmp_path / "serve.log") as (url, _):
+        assert len(_workers_seen(url)) == 2
+        limits = httpx.Limits(max_keepalive_connections=0)  # a new connection each time: either worker answers
+        with httpx.Client(base_url=url, limits=limits, timeout=10) as client:
+            for _ in range(20):
+                assert client.post("/api/challenge").status_code == 200
+            issued, scraped_by = [], set()
+            for _ in range(10):
+                scrape = client.get("/metrics")
+                issued.append(sum(s.value for f in text_string_to_metric_families(scrape.text) for s in f.samples
+                                  if s.name == "asirra_challenges_issued_total"))
+                scraped_by.add(client.get("/healthz").json()["worker"])
+    assert issued == [20] * 10 and len(scraped_by) == 2
+
+
 def test_challenge_rate_limit_holds_across_worker_processes(tmp_path, service_args):
     args = [arg if arg != "1000" else "0.01" for arg in service_args]  # --challenge-rate 0.01: a burst of 10, then 429
     with serving([*args, "--workers", "2"], tmp_path / "serve.log") as (url, _):

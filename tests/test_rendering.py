@@ -12,14 +12,20 @@ import torch
 from PIL import Image
 
 from asirra.captcha.rendering import (
+    ENCODERS,
+    RESIZERS,
     Jitter,
+    Renderer,
     RenderSettings,
+    available,
+    base_side,
     draw_jitter,
     encode_jitter,
     render_jpeg,
     resize,
     served_tensor,
     served_view,
+    to_base,
 )
 from asirra.captcha.service.settings import ServiceSettings
 
@@ -91,3 +97,40 @@ def test_a_view_is_the_served_copy_squashed_to_the_model_input_and_keeps_its_gra
     assert view.shape == (1, 3, 96, 96)
     view.sum().backward()  # JPEG is straight-through: the gradient reaches the original pixels
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ---- the service's fast path: cached base array, whole-pixel crop, OpenCV / Pillow resize, simplejpeg / Pillow -----
+
+RENDERERS = [Renderer(resizer, encoder) for resizer in RESIZERS for encoder in ENCODERS
+             if available(resizer) and available(encoder)]
+
+
+@pytest.mark.parametrize("renderer", RENDERERS, ids=lambda r: f"{r.resizer}+{r.encoder}")
+@pytest.mark.parametrize("seed", range(4))
+def test_the_services_renderer_serves_the_same_picture_from_its_cached_base(renderer, seed):
+    image = photo(seed=seed)
+    settings = RenderSettings()
+    base = to_base(image, settings)
+    assert max(base.shape[:2]) == base_side(settings) == 273  # 240 / (1 - 2 * 0.06), rounded up
+    jitter = draw_jitter(random.Random(seed), settings)
+    served = decoded(renderer.jpeg(base, jitter))
+    assert max(served.shape[:2]) == jitter.side
+    tensor = served_tensor(as_tensor(image), jitter)  # the defender's model of it, from the full-size photo
+    torch_pixels = resize(tensor, served.shape[:2])[0].permute(1, 2, 0).numpy()
+    # The same bound as the Pillow reference above: the base's extra resampling stays inside it.
+    assert np.abs(torch_pixels - served).mean() < 4.0
+    assert np.corrcoef(torch_pixels.ravel(), served.ravel())[0, 1] > 0.98
+
+
+def test_a_photo_smaller_than_the_base_is_cached_as_it_is():
+    image = photo(200, 150)
+    assert np.array_equal(to_base(image, RenderSettings()), np.asarray(image))
+
+
+def test_the_fastest_renderer_falls_back_to_pillow_and_refuses_what_is_missing(monkeypatch):
+    import asirra.captcha.rendering as rendering
+
+    monkeypatch.setattr(rendering, "available", lambda name: name == "pillow")
+    assert Renderer.fastest() == Renderer("pillow", "pillow")
+    with pytest.raises(ValueError, match="opencv is not installed"):
+        Renderer.fastest(resizer="opencv")

@@ -13,6 +13,7 @@ from captcha_service_support import (
     FakeClock,
     TestClient,
     answer,
+    check_a_full_table_replaces_instead_of_refusing,
     make_pool,
     new_challenge,
     truth,
@@ -206,13 +207,9 @@ def test_oldest_outstanding_challenge_is_replaced_beyond_the_per_client_cap(pool
     _refused(answer(client, first["id"], []), 410, "replaced")
 
 
-def test_server_full_of_challenges_answers_503_with_retry_after(pool):
+def test_a_full_server_replaces_the_oldest_challenge_instead_of_refusing(pool):
     app = _app(pool, max_challenges=2)
-    clients = [TestClient(app, client=(f"10.0.0.{i}", 5000)) for i in range(3)]
-    new_challenge(clients[0]), new_challenge(clients[1])
-    refused = clients[2].post("/api/challenge")
-    _refused(refused, 503, "busy")
-    assert "retry-after" in refused.headers
+    check_a_full_table_replaces_instead_of_refusing(*(TestClient(app, client=(f"10.0.0.{i}", 5000)) for i in range(3)))
 
 
 def test_dropping_the_cookie_does_not_escape_the_token_bucket(pool):

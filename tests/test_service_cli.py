@@ -61,7 +61,7 @@ def test_serve_refuses_a_bad_sites_file_or_redis_url(tmp_path):
     (tmp_path / "sites.json").write_text('{"sites": [{"key": "k"}]}')
     (tmp_path / "secret").write_text("s" * 32)
     bad_sites = _serve(tmp_path, "--sites", str(tmp_path / "sites.json"))
-    assert bad_sites.exit_code == 2 and "error: site 0 in" in bad_sites.output
+    assert bad_sites.exit_code == 2 and "error: --sites " in bad_sites.output and ": site 0 in" in bad_sites.output
     bad_url = _serve(tmp_path, "--redis", "http://127.0.0.1/0", "--secret-file", str(tmp_path / "secret"))
     assert bad_url.exit_code == 2 and "--redis must be a redis://" in bad_url.output
 

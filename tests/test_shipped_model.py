@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asirra.cpu import EXACT, KernelChoice, canary_exact
 from asirra.data import scan
+from asirra.export import onnx_session, run_onnx
 from asirra.models import DEFAULT_MODEL_DIR
 from asirra.predict import load_classifier
 
@@ -48,7 +50,7 @@ def spread_sample(folder: Path, n: int) -> list[bytes]:
 
 
 @pytest.mark.slow
-def test_onnx_fp32_equals_pytorch_and_int8_gives_the_same_answers_on_shared_photos(shared_data):
+def test_onnx_fp32_equals_pytorch_and_both_int8_kernel_paths_give_the_same_answers_on_shared_photos(shared_data):
     photos = spread_sample(shared_data / "train", 32)
     torch_clf = load_classifier(None, backend="torch")
     fp32 = load_classifier(None, backend="onnx")  # exported into the (isolated) cache on first use
@@ -57,12 +59,25 @@ def test_onnx_fp32_equals_pytorch_and_int8_gives_the_same_answers_on_shared_phot
     p_torch, p_fp32, p_int8 = (clf.proba_from_logits(clf.logits(pixels))[:, 1] for clf in (torch_clf, fp32, int8))
 
     assert p_torch.min() < 0.05 and p_torch.max() > 0.95  # confident outputs on both classes are compared
-    # README: 7.1e-7 at most over 300 images; 1e-4 leaves room for thread-count rounding, not for a wrong graph.
+    # 7.1e-7 at most over 300 images (docs/results/performance.md); 1e-4 leaves room for thread-count
+    # rounding, not for a wrong graph.
     assert np.abs(p_fp32 - p_torch).max() < 1e-4
-    # int8 moves probabilities by ~5e-4 on average, 0.03-0.07 at most (README); it must not flip an answer.
+    # int8 moves probabilities by ~5e-4 on average, 0.03-0.07 at most (docs/results/performance.md): no answer may flip.
     assert ((p_int8 >= 0.5) == (p_fp32 >= 0.5)).all(), np.c_[p_fp32, p_int8][(p_int8 >= 0.5) != (p_fp32 >= 0.5)]
     assert np.abs(p_int8 - p_fp32).mean() < 0.01 and np.abs(p_int8 - p_fp32).max() < 0.1
     assert not np.allclose(int8.logits(pixels), fp32.logits(pixels), atol=1e-4)  # it really is the quantized net
+
+    # Both int8 kernel paths (asirra.cpu): the exact one answers as fp32 does on any CPU; the fast one is
+    # bit-identical to it where the canary says fast kernels are exact (VNNI, AMX), and differs where it
+    # says they saturate (AVX2 without VNNI), which is why such CPUs get the exact path.
+    exact = run_onnx(onnx_session(int8.onnx_path(), kernels=KernelChoice(True, EXACT, "test")), pixels)
+    fast = run_onnx(onnx_session(int8.onnx_path(), kernels=KernelChoice(False, "fast", "test")), pixels)
+    p_exact = int8.proba_from_logits(exact.astype(np.float64))[:, 1]
+    assert ((p_exact >= 0.5) == (p_fp32 >= 0.5)).all() and np.abs(p_exact - p_fp32).mean() < 0.01
+    if canary_exact():
+        assert np.array_equal(fast, exact)
+    else:
+        assert not np.array_equal(fast, exact)
 
 
 # ---- slow: `make model` at toy scale -----------------------------------------------------------

@@ -6,6 +6,8 @@ Runs on both stores; the example site shows (and this test walks) the whole loop
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -21,6 +23,7 @@ from asirra.captcha.service.settings import ServiceSettings
 
 SHOP = Site("shop-site-key", "shop-secret-" + "a" * 30, "a shop")
 BLOG = Site("blog-site-key", "blog-secret-" + "b" * 30, "a blog")
+SHOP_WIDGET = Site("shop-widget-key", "shop-widget-secret-" + "w" * 30, "a shop's widget", hostnames=("127.0.0.1",))
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def make_app(request, pool):
 
     def build(clock=None, **settings):
         base = {**GENEROUS.__dict__, "secret": b"k" * 32, "redis_url": url, **settings}
-        return create_app(pool, make_safeguard("none"), ServiceSettings(**base), clock=clock, sites=Sites([SHOP, BLOG]))
+        return create_app(pool, make_safeguard("none"), ServiceSettings(**base), clock=clock, sites=Sites([SHOP, BLOG, SHOP_WIDGET]))
 
     return build
 
@@ -59,8 +62,13 @@ def test_token_verifies_once_for_its_own_site_only(make_app):
         token = _pass(app, client, SHOP.key)
         foreign = _verify(client, BLOG.secret, token)
         assert foreign.status_code == 200 and foreign.json() == {"success": False, "error-codes": ["invalid-input-response"]}
+        before = time.time()
         ok = client.post("/api/verify", json={"secret": SHOP.secret, "response": token})  # JSON, as Turnstile takes
-        assert ok.json() == {"success": True, "error-codes": []}  # the blog's attempt did not spend it
+        # The blog's attempt did not spend it; siteverify says where and when it was solved, as Turnstile's does.
+        assert set(ok.json()) == {"success", "error-codes", "hostname", "challenge_ts"} and ok.json()["success"] is True
+        assert ok.json()["error-codes"] == [] and ok.json()["hostname"] == "testserver"  # the service's own page
+        solved = datetime.fromisoformat(ok.json()["challenge_ts"].replace("Z", "+00:00")).timestamp()
+        assert ok.json()["challenge_ts"].endswith("Z") and before - 5 < solved <= before + 0.001
         assert _verify(client, SHOP.secret, token).json()["error-codes"] == ["timeout-or-duplicate"]
 
 
@@ -136,20 +144,36 @@ def test_malformed_verify_request_is_refused_and_leaves_the_token_unspent(make_a
 def test_example_site_lets_in_a_verified_visitor_once(make_app):
     app = make_app()
     with running(app) as service_url:
-        site = create_site(service_url, SHOP.key, SHOP.secret)
+        site = create_site(service_url, SHOP_WIDGET.key, SHOP_WIDGET.secret, hostnames=SHOP_WIDGET.hostnames)
         with running(site) as site_url, httpx.Client(base_url=service_url) as browser:
-            page = httpx.get(site_url).text
-            assert f'data-sitekey="{SHOP.key}"' in page and f"{service_url}/?sitekey={SHOP.key}" in page
-            # The visitor's browser solves the challenge (here by colour, through the public API only).
-            challenge = browser.post("/api/challenge", params={"sitekey": SHOP.key}).json()
+            page = httpx.get(site_url)
+            # The two lines of the page: the service's script, and the element in the form (the widget fills it in).
+            assert f'<script src="{service_url}/asirra.js" async defer></script>' in page.text
+            assert f'<div class="asirra-captcha" data-sitekey="{SHOP_WIDGET.key}"' in page.text
+            policy = page.headers["content-security-policy"]
+            assert f"script-src 'self' {service_url}; frame-src {service_url}" in policy
+            # The visitor's browser solves the challenge in the widget (here by colour, through the public API only).
+            challenge = browser.post("/api/challenge", params={"sitekey": SHOP_WIDGET.key, "origin": site_url}).json()
             cats = ColourClassifier().solve([browser.get(url).content for url in challenge["images"]])
             selected = [i for i, cat in enumerate(cats) if cat]
-            token = browser.post(f"/api/challenge/{challenge['id']}/answer", json={"selected": selected}).json()["token"]
-            form = {"name": "Ada", "asirra-response": token}
-            assert httpx.post(f"{site_url}/signup", data=form).json() == {"welcome": "Ada"}
+            reply = browser.post(f"/api/challenge/{challenge['id']}/answer", json={"selected": selected}).json()
+            assert reply["token_expires_in"] == 120
+            form = {"name": "Ada", "asirra-response": reply["token"]}
+            welcome = httpx.post(f"{site_url}/signup", data=form).json()  # the third line: the server's check
+            assert welcome["welcome"] == "Ada" and welcome["hostname"] == "127.0.0.1" and welcome["challenge_ts"]
             replay = httpx.post(f"{site_url}/signup", data=form)
             assert replay.status_code == 403 and replay.json()["error-codes"] == ["timeout-or-duplicate"]
             assert httpx.post(f"{site_url}/signup", data={"name": "Eve"}).status_code == 403
+
+
+def test_a_site_checking_hostnames_refuses_a_pass_earned_elsewhere(make_app):
+    app = make_app()
+    with running(app) as service_url:
+        site = create_site(service_url, SHOP.key, SHOP.secret, hostnames=("shop.example",))
+        with running(site) as site_url, httpx.Client(base_url=service_url) as browser:
+            token = _pass(app, browser, SHOP.key)  # earned on the service's own page, not on shop.example
+            refused = httpx.post(f"{site_url}/signup", data={"name": "Ada", "asirra-response": token})
+            assert refused.status_code == 403 and refused.json()["error-codes"] == ["hostname-mismatch"]
 
 
 def test_verify_calls_have_their_own_rate_limit(make_app):

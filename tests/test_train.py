@@ -13,7 +13,7 @@ from asirra.config import TrainConfig
 from asirra.models import load_model
 from asirra.splits import stratified_split
 from asirra.stats import stratified_subset
-from asirra.train import train
+from asirra.training import train
 
 RUN_FILES = {"config.json", "env.json", "split.json", "metrics.csv", "curves.png", "checkpoint.pt", "model",
              "metrics.json", "unusable.json"}
@@ -200,7 +200,7 @@ def test_bf16_autocast_defaults_to_what_the_cpu_computes_natively():
     import torch
 
     from asirra.config import TrainConfig
-    from asirra.train import use_bf16
+    from asirra.training import use_bf16
 
     assert TrainConfig(data="d", out="o").bf16 is None
     assert use_bf16(None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()

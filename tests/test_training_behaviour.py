@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from asirra.config import TrainConfig
-from asirra.train import fit
+from asirra.training import fit
 
 LR = 1e-3
 BATCH = 4

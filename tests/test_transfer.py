@@ -11,7 +11,7 @@ from model_support import tiny_train_config, write_pattern_dataset
 import asirra.transfer
 from asirra.models import create_model, load_model
 from asirra.tasks import CachedActivationTask, make_task
-from asirra.train import train
+from asirra.training import train
 
 
 @pytest.fixture(scope="module")

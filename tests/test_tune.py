@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna")
 from model_support import write_pattern_dataset  # noqa: E402
 from redis_support import redis_server  # noqa: E402,F401  (fixture)
 
-from asirra.tune import TuneSettings, tune  # noqa: E402
+from asirra.tuning import TuneSettings, tune  # noqa: E402
 
 FIXED = {"workers": 1, "bf16": False}
 TESTS = Path(__file__).parent
@@ -74,7 +74,7 @@ def read_trials_csv(out) -> list[dict]:
 @pytest.mark.parametrize("model", ["seed-cnn", "effnet-lite2"])
 def test_every_drawn_config_is_a_valid_training_config(tmp_path, model):
     from asirra.config import OPTIMIZERS, TrainConfig
-    from asirra.tune import trial_config
+    from asirra.tuning import trial_config
 
     settings = TuneSettings(model=model, data="data", out=str(tmp_path), epochs=6)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -200,7 +200,7 @@ def test_the_best_config_reproduces_the_best_trial_through_asirra_train(tmp_path
 _WORKER = """
 import sys
 sys.path.insert(0, sys.argv[5])
-from asirra.tune import TuneSettings, tune
+from asirra.tuning import TuneSettings, tune
 from test_tune import tiny_space
 tune(TuneSettings(model="seed-cnn", data=sys.argv[1], out=sys.argv[2], trials=int(sys.argv[3]), epochs=1, limit=None,
                   heldout=0, fixed={"workers": 1, "bf16": False, "cache_dir": sys.argv[4]}), space=tiny_space)
@@ -227,7 +227,7 @@ def test_a_study_in_sqlite_or_redis_storage_resumes_from_it(tmp_path, data, kind
 
 
 def test_storage_urls_are_logged_without_their_password():
-    from asirra.tune import describe_storage
+    from asirra.tuning import describe_storage
 
     assert describe_storage("redis://:s3cret@db.example:6379/0") == "redis://:***@db.example:6379/0"
     assert describe_storage("sqlite:///x.db") == "sqlite:///x.db"
@@ -267,7 +267,7 @@ def test_cli_tune_writes_the_config_trials_plots_and_heldout_score(tmp_path, dat
     from asirra.cli import app
 
     monkeypatch.setenv("ASIRRA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("asirra.tune.search_space", lambda model: tiny_space)
+    monkeypatch.setattr("asirra.tuning.search_space", lambda model: tiny_space)
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["tune", "--model", "seed-cnn", "--data", str(data), "--trials", "2",
                                       "--epochs", "1", "--limit", "16", "--heldout", "8", "--out", str(out)])

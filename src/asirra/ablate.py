@@ -180,7 +180,7 @@ def run_ablation(ablation: Ablation, data: str, out: Path, train: bool = True) -
 
     With train=False nothing trains: the report covers the arms finished so far (the others are listed as pending).
     """
-    from asirra.train import load_pixels
+    from asirra.training import load_pixels
 
     out = Path(out)
     names = arms(ablation)

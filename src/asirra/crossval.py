@@ -1,6 +1,6 @@
 """Cross-validation: k stratified folds in which copies of one photo never straddle folds.
 
-A fold is an ordinary run folder (DIR/fold-K, made by asirra.train.prepare_run + train_on), so a
+A fold is an ordinary run folder (DIR/fold-K, made by asirra.training.prepare_run + train_on), so a
 killed cross-validation continues at the fold and epoch where it stopped and finished folds are
 skipped. Beside them DIR holds:
 
@@ -39,7 +39,7 @@ from asirra.stats import t_interval
 HASH_SIDE = 32
 # Two images are near-identical when their 64-bit dHashes differ in at most HAMMING_THRESHOLD bits
 # (candidates) AND their thumbnails correlate at MIN_CORRELATION or more (confirmation). Measured
-# on the 19,000 training images (README, "What the next steps bought"): distinct photos differ by
+# on the 19,000 training images (docs/results/next-steps.md): distinct photos differ by
 # 31.8 bits on average (sd 5.2), but with 180 million pairs the tail is long: 65 pairs are within
 # 5 bits and only 20 of them are the same photo; those 20 correlate >= 0.99, the next pair 0.85
 # (two different animals in similar frames), and no pair 6-10 bits apart reaches 0.9. Over 200 of
@@ -223,7 +223,7 @@ def cross_validate(config: TrainConfig, folds: int = 5, train_fraction: float = 
     exactly the same validation images.
     """
     from asirra.splits import check_class_counts
-    from asirra.train import dataset_classes, load_pixels
+    from asirra.training import dataset_classes, load_pixels
 
     out = Path(config.out)
     _check_settings(out, config, folds, train_fraction, threshold, drop_from_training)
@@ -290,7 +290,7 @@ def fold_done(run: Path) -> bool:
 
 def _run_fold(cached, train_idx, val_idx, config: TrainConfig, out: Path, f: int, k: int, classes=None) -> dict:
     from asirra.splits import save_split
-    from asirra.train import prepare_run, train_on
+    from asirra.training import prepare_run, train_on
 
     run = out / f"fold-{f + 1}"
     what = f"fold {f + 1} of {k}: {len(train_idx)} training, {len(val_idx)} validation images"
@@ -362,7 +362,7 @@ def write_suspects(out: Path, oof: dict, cached, n: int) -> list[dict]:
 
 
 def _binary_suspects(oof: dict, n: int) -> list[dict]:
-    from asirra.evaluate import worst_mistakes
+    from asirra.evaluation import worst_mistakes
     from asirra.labels import CLASS_NAMES
 
     order = worst_mistakes(oof["label"], oof["p_dog"], k=n) if n else np.zeros(0, int)
@@ -392,7 +392,7 @@ def _thumbnail(ref, side: int = 256) -> np.ndarray:
 def summarize(per_fold: list[dict], oof: dict) -> dict:
     ratio = float(np.mean([f["n_val"] / f["n_train"] for f in per_fold]))
     if is_binary(oof["classes"]):
-        from asirra.evaluate import classification_metrics
+        from asirra.evaluation import classification_metrics
 
         pooled = classification_metrics(oof["label"], oof["p_dog"], classes=oof["classes"])
     else:

@@ -381,6 +381,30 @@ def _read_member(archive: str, member: str) -> bytes:
         raise UnusableImage(f"cannot read from the archive ({exc})") from None
 
 
+class LabelMismatch(DataError):
+    """Labelled images of a class the model was not trained on."""
+
+
+def align_labels(refs: Sequence, data_classes: Sequence[str], model_classes: Sequence[str],
+                 strict: bool = True) -> list:
+    """Refs relabelled from the data set's class order (asirra.data.class_names) to the model's, by name.
+
+    A data set may hold a subset of the model's classes (its labels then index a shorter tuple).
+    A class the model does not know cannot be scored: a clear error, or with strict=False no label.
+    """
+    from dataclasses import replace
+
+    data_classes, model_classes = tuple(data_classes), tuple(model_classes)
+    if data_classes == model_classes:
+        return list(refs)
+    unknown = [c for c in data_classes if c not in model_classes]
+    if unknown and strict:
+        raise LabelMismatch(f"the data's classes {', '.join(unknown[:5])} are not among the model's "
+                            f"({', '.join(model_classes[:10])}{', ...' if len(model_classes) > 10 else ''})")
+    index = [model_classes.index(c) if c in model_classes else None for c in data_classes]
+    return [ref if ref.label is None else replace(ref, label=index[ref.label]) for ref in refs]
+
+
 # ---- checking ---------------------------------------------------------------------------------
 
 
@@ -393,13 +417,17 @@ class CheckReport:
     unusable: list[dict[str, str]]  # {"path": source, "reason": short phrase}
     width: dict[str, float]  # min / median / max over usable images (empty if none)
     height: dict[str, float]
+    path: str | None = None  # the folder or archive checked, and its layout, when check_folder checked one
+    layout: str | None = None
 
     @property
     def n_usable(self) -> int:
         return self.n_images - len(self.unusable)
 
     def to_json(self) -> dict:
+        where = {"path": self.path, "layout": self.layout} if self.path is not None else {}
         return {
+            **where,
             "n_images": self.n_images,
             "n_usable": self.n_usable,
             "per_class": self.per_class,
@@ -409,7 +437,8 @@ class CheckReport:
 
     def to_text(self) -> str:
         classes = ", ".join(f"{count} {name}" for name, count in self.per_class.items() if count)
-        lines = [f"{self.n_images} images ({classes}); {self.n_usable} usable, {len(self.unusable)} unusable"]
+        lines = [f"{self.path} ({self.layout})"] if self.path is not None else []
+        lines += [f"{self.n_images} images ({classes}); {self.n_usable} usable, {len(self.unusable)} unusable"]
         for axis, stats in (("width", self.width), ("height", self.height)):
             if stats:
                 lines.append(f"{axis:>6}: min {stats['min']:g}  median {stats['median']:g}  max {stats['max']:g}")
@@ -445,6 +474,22 @@ def check(refs: Sequence[ImageRef], workers: int = 2, progress: bool = True,
         width=_spread([w for w, _ in sizes]),
         height=_spread([h for _, h in sizes]),
     )
+
+
+def check_folder(path: str | os.PathLike | None = None, workers: int = 2, progress: bool = True) -> CheckReport:
+    """`check` on every image under `path` (the --data lookup when None), labelled or not, with the
+    folder and its layout recorded: what `asirra data check` prints and `asirra.check_data` returns."""
+    root = resolve_data_root(path)
+    classes = class_names(root) or CLASS_NAMES  # unlabelled: counted as before, cat 0, dog 0
+    report = check(scan_all(root), workers=workers, progress=progress, classes=classes)
+    report.path, report.layout = str(root), detect_layout(root)
+    return report
+
+
+def show_folder(path: str | os.PathLike | None, out: str | os.PathLike, n: int = 16, seed: int = 0) -> Path:
+    """`show_grid` of `n` random images under `path` (the --data lookup when None), titled with their class."""
+    root = resolve_data_root(path)
+    return show_grid(scan(root), out, n=n, seed=seed, classes=class_names(root) or CLASS_NAMES)
 
 
 def _decoded_size(ref: ImageRef) -> tuple[int, int] | str:

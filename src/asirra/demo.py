@@ -32,7 +32,7 @@ def run_demo(data: Path | None, out: Path, samples: int = 2000, challenges: int 
              backend: str = DEFAULT_BACKEND) -> dict:
     """The demo's five steps; every output under `out`; returns what summary.json holds."""
     from asirra import data as datamod
-    from asirra.evaluate import evaluate_model
+    from asirra.evaluation import evaluate_model
     from asirra.fileio import write_json_atomic
     from asirra.models import DEFAULT_MODEL_DIR
     from asirra.predict import load_classifier, plot_predictions, predict_refs, write_submission

@@ -1,7 +1,7 @@
 """Data-parallel training with torch.distributed: the few calls the training loop makes.
 
 `asirra train --nproc N` (or `torchrun ... -m asirra train [train options]`) runs the same
-`asirra.train.train` on N processes. Every helper here is a no-op in a world of one process, so a
+`asirra.training.train` on N processes. Every helper here is a no-op in a world of one process, so a
 plain run is unchanged. What makes N processes one run:
 
 - each epoch's seeded permutation of the training images is the same on every rank and `shard`

@@ -57,7 +57,8 @@ def quantize_beside_weights(module: nn.Module, folder: Path, calibration: np.nda
 
     Static quantization (QDQ) of the fp32 export. The Lite networks were designed for it (ReLU6,
     no squeeze-excite): on AVX-512 VNNI cores it runs ~2x faster at the same validation accuracy
-    (README). CPUs without VNNI need onnx_session's exact kernels to compute what this file says.
+    (docs/results/performance.md). CPUs without VNNI need exact kernels to compute what this file says (asirra.cpu,
+    onnx_session).
     `calibration` is uint8 pixels (N, S, S, 3) of typical images; a few hundred suffice.
     """
     import tempfile
@@ -135,20 +136,24 @@ def onnx_beside_weights(module: nn.Module, folder: Path | None, backend: str = "
     return path if fresh else None
 
 
-def onnx_session(path: Path, threads: int | None = None, spinning: bool = False):
+def onnx_session(path: Path, threads: int | None = None, spinning: bool = False, kernels=None):
+    """An ONNX Runtime session on the CPU; `kernels` (asirra.cpu.KernelChoice) says whether int8 graphs run on
+    exact uint8 x uint8 kernels, by default this machine's choice (`asirra.cpu.int8_kernels`)."""
     import onnxruntime as ort
 
+    from asirra.cpu import int8_kernels
+
+    kernels = kernels or int8_kernels()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # Idle threads sleep rather than spin: faster on 2 busy cores (benchmarks/README.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    # x86 CPUs without VNNI (AVX2 only, as AMD EPYC before Zen 4) multiply uint8 by int8 with vpmaddubsw,
-    # whose 16-bit pair sums saturate: the int8 Lite networks then drift far from what their QDQ graph
-    # says (logit correlation 0.77 on the int8 test's model). This makes ONNX Runtime use exact uint8 x uint8
-    # kernels on those CPUs only; VNNI CPUs keep their fast path, fp32 models are untouched.
-    options.add_session_config_entry("session.x64quantprecision", "1")
+    if kernels.exact:
+        # CPUs without VNNI saturate uint8 x int8 pair sums: exact kernels there (asirra.cpu says why and where).
+        # fp32 graphs have no quantized nodes for the option to touch.
+        options.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -263,16 +268,47 @@ class ExportReport:
 
 
 def export_model(model: str | Path | None = None, *, onnx: bool = True, int8: bool = False,
-                 calibration: str | Path | None = None, package: bool = False) -> ExportReport:
+                 calibration: str | Path | None = None, package: bool = False, image_size: int | None = None,
+                 out: str | Path | None = None) -> ExportReport:
     """`asirra export`: the ONNX files of a model folder (the shipped model when None), or with `package`
-    the model installed as the package's default (with `int8`, its int8 export too)."""
+    the model installed as the package's default (with `int8`, its int8 export too), or with `image_size`
+    a copy of the model in `out` that reads images at that size (same weights and temperature; its exports,
+    int8 calibrated at that size, beside it): e.g. EfficientNet-Lite2 at its native 260 px instead of 300,
+    ~1.4x faster per challenge for some accuracy (benchmarks/solve_options.py measures both)."""
+    import dataclasses
+
     from asirra.errors import ConfigError
-    from asirra.models import DEFAULT_MODEL_DIR, default_model_path, load_model, resolve_model_folder
+    from asirra.models import (
+        DEFAULT_MODEL_DIR,
+        class_option,
+        create_model,
+        default_model_path,
+        load_model,
+        resolve_model_folder,
+        save_model,
+    )
 
     if int8 and calibration is None:
         raise ConfigError("--int8 needs --calibration: a folder of typical images (a few hundred are sampled)")
+    if (image_size is None) != (out is None):
+        raise ConfigError("--image-size and --out go together: the copy at another size needs a folder of its own")
+    if image_size is not None and (package or image_size < 32):
+        raise ConfigError("--image-size makes a copy in --out (at least 32 px); it cannot be --package'd at once")
     folder = resolve_model_folder(model) if model else default_model_path()
     net, config = load_model(folder)
+    if image_size is not None:
+        if Path(out).resolve() == folder.resolve():
+            raise ConfigError(f"--out {out} is the model's own folder; choose a new one")
+        config = dataclasses.replace(config, image_size=image_size)
+        resized = create_model(config.name, pretrained=False, image_size=image_size,
+                               **{**config.options, **class_option(len(config.classes))})
+        try:  # a network whose head depends on the input size (seed-cnn's dense layer) cannot read another size
+            resized.load_state_dict(net.state_dict())
+        except RuntimeError:
+            raise ConfigError(f"{config.name}'s weights only fit its own input size; --image-size needs a network "
+                              "that pools globally (the EfficientNet-Lite ones)") from None
+        folder = save_model(resized.eval(), config, Path(out))
+        net = resized.eval()
     # Read before anything is written: a bad calibration folder must not leave a half-made export.
     pixels = calibration_pixels(Path(calibration), config.image_size) if int8 else None
     report = ExportReport({}, None if pixels is None else len(pixels))

@@ -11,7 +11,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TypeAlias, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -38,7 +38,8 @@ MAX_FILE_BYTES = 3 * MAX_PIXELS
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+ImageSource: TypeAlias = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+"""Anything an image argument accepts: a file path, the file's encoded bytes, or a PIL image."""
 
 
 class UnusableImage(DataError):

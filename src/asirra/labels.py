@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-CAT, DOG = 0, 1
-CLASS_NAMES = ("cat", "dog")
+CAT: int = 0
+"""The label of cats in the cat/dog task (Kaggle's submissions say 0 = cat)."""
+DOG: int = 1
+"""The label of dogs in the cat/dog task (1 = dog)."""
+CLASS_NAMES: tuple[str, ...] = ("cat", "dog")
+"""The class names of the cat/dog task in label order: column i of `predict_proba` is class i."""
 
 
 def is_binary(classes: Sequence[str]) -> bool:

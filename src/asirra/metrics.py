@@ -3,7 +3,7 @@
 Everything here works on `y_true` (class indices 0..N-1) and `proba` (an (n, N) array of predicted
 class probabilities, one row per image), so it is independent of how the predictions were made and
 of what the classes are called. For N = 2 a 1-D `proba` is read as P(class 1), e.g. P(dog), and the
-figures equal the binary code's in asirra.evaluate: same decision rule, same log-loss clipping.
+figures equal the binary code's in asirra.evaluation: same decision rule, same log-loss clipping.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def mistake_order(y_true, proba, k: int = 24, predicted=None) -> np.ndarray:
     """Indices of up to `k` wrong calls, the most confident (highest probability of the called class) first.
 
     The calls are the top-1 rule's unless `predicted` (one class index per image) gives them, e.g.
-    cat/dog calls at a threshold other than 0.5 (asirra.evaluate.worst_mistakes).
+    cat/dog calls at a threshold other than 0.5 (asirra.evaluation.worst_mistakes).
     """
     y, p = check_multiclass(y_true, proba)
     k = _check_k(k)

@@ -2,8 +2,8 @@
 
 Every function takes plain arrays or a file, writes one PNG and returns its path. Figures are built
 with `matplotlib.figure.Figure` rather than pyplot, so no global figure state leaks between calls
-(or threads), and nothing needs closing. Each PNG is written atomically: a half-written file is
-never left where a previous good one was.
+(or threads), nothing needs closing, and no backend is chosen: a notebook keeps its inline plots.
+Each PNG is written atomically: a half-written file is never left where a previous good one was.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ import csv
 import math
 from pathlib import Path
 from typing import Sequence
-
-import matplotlib
-
-matplotlib.use("Agg")  # headless: servers and CI have no display
 
 import numpy as np
 from matplotlib.figure import Figure

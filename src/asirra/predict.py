@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,9 @@ import torch
 from asirra.cache import default_cache_dir
 from asirra.calibration import describe_row, predicted_index, predicted_labels, probabilities
 from asirra.config import BACKENDS, DEFAULT_BACKEND
-from asirra.errors import ConfigError, DataError, ModelError
+from asirra.cpu import KernelChoice
+from asirra.deprecation import deprecated
+from asirra.errors import ConfigError, ModelError
 from asirra.fileio import atomic_path
 from asirra.images import ImageSource, UnusableImage, read_pixels
 from asirra.labels import CAT, CLASS_NAMES, is_cat_dog
@@ -48,11 +49,43 @@ def resolve_backend(backend: str, model: torch.nn.Module, folder: Path | None) -
 
 
 class Classifier:
-    """Class probabilities for images: `predict_proba(sources)` -> (n, N), `predict(sources)` -> class
-    names, and `solve(sources)` for a CAPTCHA challenge ("select every cat", or every `target` class)."""
+    """A trained model, ready to classify images: what `asirra.load_model` returns.
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND, folder: Path | None = None,
-                 tta: bool | None = None):
+    The contract follows scikit-learn's classifiers: `predict_proba` is always (n, n_classes) with
+    columns in the order of `classes`, and `predict` gives each image's class name. Every image goes
+    through the same decoding the model was trained on (EXIF-upright RGB, squashed to a square), and
+    the probabilities are calibrated (a temperature fitted on the model's validation images).
+
+    Build one with `asirra.load_model`; the constructor is for models already in memory.
+
+    Args:
+        model: The PyTorch network (also used for Grad-CAM when the backend is ONNX).
+        config: The model's settings as saved beside its weights (name, input size, classes, temperature).
+        backend: "auto" (the model's int8 export when it has one, else fp32 ONNX), "onnx" (exact fp32),
+            "onnx-int8" or "torch".
+        folder: The model's folder, where its ONNX exports live.
+        tta: Average each image with its mirror image; None uses what the model was validated with.
+        kernels: For "onnx-int8", the int8 kernel path; None chooses it from this CPU's flags
+            (`asirra.cpu.int8_kernels`: fast VNNI kernels where they are exact, else exact u8 x u8 ones).
+
+    Attributes:
+        classes: The class names in column order, e.g. ("cat", "dog").
+        name: The architecture's registry name, e.g. "effnet-lite2".
+        backend: The inference engine actually used ("auto" resolved).
+        image_size: The side, in pixels, images are resized to.
+        target: The class `solve` selects ("cat" unless `select` changed it).
+
+    Examples:
+        >>> model = asirra.load_model()
+        >>> model.predict_proba(["cat.jpg", "dog.jpg"]).round(2)
+        array([[0.99, 0.01],
+               [0.02, 0.98]])
+        >>> model.predict(["cat.jpg"])
+        array(['cat'], dtype='<U3')
+    """
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, backend: str = DEFAULT_BACKEND,
+                 folder: Path | None = None, tta: bool | None = None, kernels: KernelChoice | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         backend = resolve_backend(backend, model, folder)
@@ -64,23 +97,34 @@ class Classifier:
         self.classes = tuple(str(c) for c in config.classes)  # label order: column i of the probabilities
         self.target = CLASS_NAMES[CAT]  # what solve() selects; see select()
         self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+        # The int8 kernel path (asirra.cpu.KernelChoice): this machine's choice unless given (benchmarks compare both).
+        self.kernels = kernels
         self._session = self._onnx_session() if backend.startswith("onnx") else None
+
+    def __repr__(self) -> str:
+        return f"Classifier({self.name!r}, classes={self.classes}, backend={self.backend!r})"
 
     # -- pixels in, logits out ---------------------------------------------------------------
 
     @property
     def is_cat_dog(self) -> bool:
-        """The cat/dog model (classes exactly ("cat", "dog")): CAPTCHA figures and Kaggle submissions."""
+        """Whether this is the cat/dog model (classes exactly ("cat", "dog")), whose column 1 is P(dog)."""
         return is_cat_dog(self.classes)
 
     @property
     def classes_(self) -> np.ndarray:
-        """The class names in column order, as scikit-learn's estimators name them."""
+        """The class names in column order, as an array (scikit-learn's name for it)."""
         return np.array(self.classes)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (n, S, S, 3) -> raw logits (before temperature), averaged with the mirror if tta:
-        (n,) for a two-class model (z = logit P(class 1)), (n, N) for N >= 3 classes."""
+        """Raw logits (before the temperature) of decoded pixels, averaged with the mirror image if `tta`.
+
+        Args:
+            pixels: uint8 array of shape (n, image_size, image_size, 3), as `pixels` returns.
+
+        Returns:
+            (n,) for a two-class model (z = logit of P(class 1)), (n, n_classes) otherwise.
+        """
         z = self._raw_logits(pixels)
         if self.tta:
             z = (z + self._raw_logits(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
@@ -96,13 +140,30 @@ class Classifier:
             return _batch_first(self.model(x).double().numpy(), len(pixels))
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated (n, N) class probabilities from raw logits (columns [1 - p, p] for a binary model)."""
+        """Calibrated class probabilities from raw logits.
+
+        Args:
+            logits: What `logits` returns.
+
+        Returns:
+            (n, n_classes) probabilities; columns [1 - p, p] for a two-class model.
+        """
         return probabilities(logits, self.config.temperature)
 
     # -- images in ---------------------------------------------------------------------------
 
     def pixels(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        """Decode a batch in parallel; an unreadable image raises UnusableImage naming its position."""
+        """Decode images as the model sees them, in parallel.
+
+        Args:
+            sources: Paths, bytes or PIL images.
+
+        Returns:
+            uint8 array of shape (n, image_size, image_size, 3).
+
+        Raises:
+            UnusableImage: An image cannot be decoded; the message names its position and why.
+        """
 
         def read(indexed):
             i, source = indexed
@@ -114,9 +175,22 @@ class Classifier:
         return np.stack(list(self._pool.map(read, enumerate(sources))))
 
     def predict_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        """(n, N) calibrated class probabilities, columns in the order of `classes`; rows sum to 1.
+        """Calibrated class probabilities of each image.
 
-        For the cat/dog model column 1 is P(dog). An unreadable image raises UnusableImage naming it.
+        Args:
+            sources: A list of images: file paths, encoded bytes or PIL images.
+
+        Returns:
+            Array of shape (n, n_classes), columns in the order of `classes`; each row sums to 1.
+            For the cat/dog model, column 1 is P(dog).
+
+        Raises:
+            UnusableImage: An image cannot be decoded; the message names which and why.
+            TypeError: A single image was given instead of a list.
+
+        Examples:
+            >>> model.predict_proba(["a.jpg", "b.jpg"]).shape
+            (2, 2)
         """
         _check_list(sources, "predict_proba")
         if len(sources) == 0:
@@ -124,17 +198,71 @@ class Classifier:
         return self.proba_from_logits(self.logits(self.pixels(sources)))
 
     def predict(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        """Each image's class name, by the package's one decision rule (P(dog) >= 0.5 for cat/dog, argmax for N)."""
+        """The class name of each image, by the package's one decision rule.
+
+        For the cat/dog model that is P(dog) >= 0.5; for N classes, the most probable one.
+
+        Args:
+            sources: A list of images: file paths, encoded bytes or PIL images.
+
+        Returns:
+            Array of shape (n,) of class names, each one of `classes`.
+        """
         return np.array(self.classes)[predicted_index(self.predict_proba(sources))] if len(sources) else np.array([])
 
+    @deprecated(since="0.1.0", removed_in="0.3.0", instead="Classifier.predict_proba, which is (n, N) for every model")
     def predict_classes_proba(self, sources: Sequence[ImageSource]) -> np.ndarray:
-        """Deprecated: `predict_proba` is now (n, N) for every model."""
-        warnings.warn("Classifier.predict_classes_proba is deprecated and will be removed in asirra 0.3; "
-                      "predict_proba returns the same (n, N) probabilities", DeprecationWarning, stacklevel=2)
+        """The same as `predict_proba`.
+
+        Args:
+            sources: A list of images: file paths, encoded bytes or PIL images.
+
+        Returns:
+            Array of shape (n, n_classes).
+        """
         return self.predict_proba(sources)
 
+    def explain(self, sources: Sequence[ImageSource], *, target: str | None = None) -> np.ndarray:
+        """Grad-CAM maps: where in each image the model found its evidence.
+
+        A forward and a backward pass through the PyTorch network (whatever the backend), so the
+        maps explain the same weights that answer. `asirra.explain` draws them over the photos and
+        writes the pictures; this method returns the numbers.
+
+        Args:
+            sources: A list of images: file paths, encoded bytes or PIL images.
+            target: Explain this class's evidence in every image; None explains each image's
+                predicted class.
+
+        Returns:
+            float32 array of shape (n, image_size, image_size) in [0, 1], each map scaled to its own
+            peak (all zeros where the image holds no evidence for the class).
+
+        Raises:
+            ModelError: `target` is not one of `classes`.
+        """
+        from asirra.gradcam import gradcam
+
+        _check_list(sources, "explain")
+        if target is not None and target not in self.classes:
+            raise ModelError(f"no class {target!r} to explain: the model's classes are {', '.join(self.classes)}")
+        if len(sources) == 0:
+            return np.zeros((0, 0, 0), np.float32)
+        targets = None if target is None else [self.classes.index(target)] * len(sources)
+        return gradcam(self.model, self.pixels(sources), targets=targets, tta=self.tta).maps.astype(np.float32)
+
     def target_index(self, target: str | None = None) -> int:
-        """The column of the class a CAPTCHA selects (default: self.target, "cat"); a clear error if unknown."""
+        """The column of the class a CAPTCHA selects.
+
+        Args:
+            target: A class name; None means `self.target` ("cat" by default).
+
+        Returns:
+            The index of `target` in `classes`.
+
+        Raises:
+            TargetClassError: The model has no such class.
+        """
         target = self.target if target is None else target
         if target not in self.classes:
             raise TargetClassError(f"{self.name} cannot select every {target!r}: its classes are "
@@ -142,14 +270,31 @@ class Classifier:
         return self.classes.index(target)
 
     def select(self, target: str) -> "Classifier":
-        """Make solve() select every `target` image; refuses a class the model does not have."""
+        """Make `solve` select every `target` image from now on.
+
+        Args:
+            target: One of `classes`, e.g. "dog" for a CAPTCHA that asks for the dogs.
+
+        Returns:
+            This classifier, so calls chain.
+
+        Raises:
+            TargetClassError: The model has no such class.
+        """
         self.target_index(target)
         self.target = target
         return self
 
     def solve(self, sources: Sequence[ImageSource], target: str | None = None) -> list[bool]:
-        """Which challenge images are `target` (default self.target, "cat"): the package's one decision rule
-        (the THRESHOLD on P(dog) for cat/dog, argmax for N classes)."""
+        """Answer a CAPTCHA challenge: which images show the target class.
+
+        Args:
+            sources: The challenge's images (12 for Asirra): paths, encoded bytes or PIL images.
+            target: The class to select; None means `self.target` ("cat" by default).
+
+        Returns:
+            One bool per image, True where the model calls it the target class.
+        """
         index = self.target_index(target)
         calls = predicted_index(self.predict_proba(sources))
         return [bool(call == index) for call in calls]
@@ -157,9 +302,30 @@ class Classifier:
     # -- ONNX --------------------------------------------------------------------------------
 
     def _onnx_session(self):
+        from asirra.cpu import int8_kernels
         from asirra.export import onnx_session
 
-        return onnx_session(self.onnx_path())
+        self.kernels = self.kernels or int8_kernels()
+        return onnx_session(self.onnx_path(), kernels=self.kernels)
+
+    @property
+    def engine(self) -> dict:
+        """What computes the answers: the backend, its kernel path and threads (what `--json` and benchmarks report).
+
+        kernels: for onnx-int8 the int8 kernel path (asirra.cpu: "avx512-vnni", "exact-u8u8", ...) and why;
+        "fp32" for fp32 ONNX, "torch" for PyTorch.
+        """
+        if self._session is None:
+            return {"backend": self.backend, "kernels": "torch", "threads": torch.get_num_threads(),
+                    "torch": torch.__version__}
+        import onnxruntime
+
+        options = self._session.get_session_options()
+        engine = {"backend": self.backend, "kernels": "fp32", "threads": options.intra_op_num_threads,
+                  "onnxruntime": onnxruntime.__version__}
+        if self.backend == "onnx-int8":
+            engine.update(kernels=self.kernels.path, exact_int8=self.kernels.exact, reason=self.kernels.reason)
+        return engine
 
     def onnx_path(self) -> Path:
         """The model's ONNX file: the export beside the weights if made from them, else one cached per weights.
@@ -191,8 +357,12 @@ def _check_list(sources, method: str) -> None:
         raise TypeError(f"{method} takes a list of images; wrap a single image in a list")
 
 
-def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND, tta: bool | None = None) -> Classifier:
-    """A classifier from a run folder or model file; None means the default model in the package."""
+def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND,
+                    tta: bool | None = None) -> Classifier:
+    """A classifier from a run folder or model file; None means the default model in the package.
+
+    Public as `asirra.load_model`, which documents the arguments.
+    """
     folder = resolve_model_folder(model) if model is not None else default_model_path()
     net, config = load_model(folder)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -200,30 +370,6 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = DEFAU
 
 
 # ---- many images: folders, evaluation, submissions -----------------------------------------
-
-
-class LabelMismatch(DataError):
-    """Labelled images of a class the model was not trained on."""
-
-
-def align_labels(refs: Sequence, data_classes: Sequence[str], model_classes: Sequence[str],
-                 strict: bool = True) -> list:
-    """Refs relabelled from the data set's class order (asirra.data.class_names) to the model's, by name.
-
-    A data set may hold a subset of the model's classes (its labels then index a shorter tuple).
-    A class the model does not know cannot be scored: a clear error, or with strict=False no label.
-    """
-    from dataclasses import replace
-
-    data_classes, model_classes = tuple(data_classes), tuple(model_classes)
-    if data_classes == model_classes:
-        return list(refs)
-    unknown = [c for c in data_classes if c not in model_classes]
-    if unknown and strict:
-        raise LabelMismatch(f"the data's classes {', '.join(unknown[:5])} are not among the model's "
-                            f"({', '.join(model_classes[:10])}{', ...' if len(model_classes) > 10 else ''})")
-    index = [model_classes.index(c) if c in model_classes else None for c in data_classes]
-    return [ref if ref.label is None else replace(ref, label=index[ref.label]) for ref in refs]
 
 
 @dataclass

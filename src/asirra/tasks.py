@@ -1,4 +1,4 @@
-"""What `asirra.train.fit` trains: a Task says how a batch is drawn and pushed through the trainable part.
+"""What `asirra.training.fit` trains: a Task says how a batch is drawn and pushed through the trainable part.
 
 - PixelTask: a whole network on augmented pixels read from the memory-mapped pixel cache
   (seed-cnn, or a pretrained network with every block unfrozen);

@@ -15,7 +15,6 @@ from asirra.captcha.experiments.defend_grid import DEFAULT_CHALLENGES, HUMAN_FLO
 from asirra.captcha.experiments.simulate import HUMAN_CHALLENGE_SUCCESS
 from asirra.captcha.experiments.study import StudyConfig, quick_config
 from asirra.cli.common import DEFAULT_BACKEND, BackendOption, JsonFlag, ModelOption, SeedOption, emit_json, report_skips
-from asirra.config import default
 
 SAFEGUARD_HELP = 'none, partial-credit, token-bucket, or a setting such as "token-bucket:capacity=5,cost_per_failure=2"'
 _HARDEN = HardenConfig()
@@ -93,13 +92,8 @@ def captcha_defend(
         typer.echo(line)
 
 
-def _derive_pool(data: Path, limit: Optional[int], seed: int, write) -> None:
-    """Run `write(refs)` (harden or distort) over a random `limit` of the labelled images in DATA; report it."""
-    from asirra.data import scan
-    from asirra.stats import random_subset
-
-    refs = scan(data, labelled=True)
-    summary = write([refs[i] for i in random_subset(len(refs), limit, seed)])
+def _report_pool(summary) -> None:
+    """What `harden` and `distort` print about the pool they wrote."""
     report_skips(summary.unusable)
     typer.echo(f"{summary.written} images in {summary.out} ({summary.this_run} this run, {len(summary.unusable)} "
                f"unusable); manifest {summary.files['manifest']}, side by side {summary.files['compare']}")
@@ -126,14 +120,12 @@ def captcha_harden(
                                        help="universal*: crafting images drawn from --crafting."),
 ) -> None:
     """Write a pool of adversarially perturbed images (lossless, within epsilon), resumably."""
-    from asirra.captcha.defend.config import parse_epsilon
-    from asirra.captcha.defend.harden import harden_pool
+    from asirra import api
     from asirra.captcha.experiments.study import parse_list
 
-    config = HardenConfig(method=method, epsilon=parse_epsilon(epsilon), seed=seed, steps=steps, eot=eot,
-                          surrogates=parse_list(surrogates), crafting=str(crafting) if crafting else None,
-                          crafting_limit=crafting_limit)
-    _derive_pool(data, limit, seed, lambda refs: harden_pool(refs, out, config))
+    _report_pool(api.harden(data, out, limit=limit, method=method, epsilon=epsilon, seed=seed, steps=steps, eot=eot,
+                            surrogates=parse_list(surrogates), crafting=str(crafting) if crafting else None,
+                            crafting_limit=crafting_limit))
 
 
 def captcha_distort(
@@ -146,10 +138,11 @@ def captcha_distort(
     seed: int = typer.Option(0, "--seed", help="Seeds the sample and every random distortion."),
 ) -> None:
     """The classic CAPTCHA baseline: random noise, blur, warping, low contrast or clutter, resumably."""
+    from asirra.captcha.defend.derived_pool import labelled_sample
     from asirra.captcha.defend.distort import DistortConfig, distort_pool
 
     config = DistortConfig(kind=kind, strength=strength, seed=seed)
-    _derive_pool(data, limit, seed, lambda refs: distort_pool(refs, out, config))
+    _report_pool(distort_pool(labelled_sample(data, limit, seed), out, config))
 
 
 def captcha_build_attacker(
@@ -229,7 +222,8 @@ def captcha_study(
     """The attacker's bill: hardening x verdict policy x attacker x identity, live, with what a thousand passes cost."""
     from dataclasses import replace
 
-    from asirra.captcha.experiments.study import parse_epsilons, parse_list, parse_moves, run_study
+    from asirra import api
+    from asirra.captcha.experiments.study import parse_epsilons, parse_list, parse_moves
     from asirra.captcha.experiments.study.plan import parse_ints
 
     config = quick_config() if quick else StudyConfig()
@@ -243,6 +237,6 @@ def captcha_study(
              "live_challenges": live_challenges, "side_challenges": side_challenges,
              "practice_challenges": practice_challenges, "exploratory": True if exploratory else None}
     config = replace(config, **{k: v for k, v in given.items() if v is not None})
-    result = run_study(data, out, config, split_file=split, prices_file=prices)
+    result = api.study(data, out, config=config, split=split, prices=prices)
     typer.echo(f"{len(result.cells)} scored cells, {len(result.live)} live cells; goal "
                f"{'met' if result.goal['met'] else 'not met'}; wrote {result.files['report']}")

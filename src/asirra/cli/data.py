@@ -16,17 +16,13 @@ def data_check(
     workers: int = typer.Option(2, min=1, help="Decoding threads."),
 ) -> None:
     """Decode every image: counts per class, size statistics, each unusable file with its reason."""
-    from asirra import data
+    from asirra.data import check_folder
 
-    root = data.resolve_data_root(path)
-    layout = data.detect_layout(root)
-    refs = data.scan_all(root)
-    classes = data.class_names(root) or data.CLASS_NAMES  # unlabelled: counted as before, cat 0, dog 0
-    report = data.check(refs, workers=workers, classes=classes)
+    report = check_folder(path, workers=workers)
     if as_json:
-        emit_json({"path": str(root), "layout": layout, **report.to_json()})
+        emit_json(report.to_json())
     else:
-        typer.echo(f"{root} ({layout})\n{report.to_text()}")
+        typer.echo(report.to_text())
 
 
 def data_show(
@@ -36,11 +32,9 @@ def data_show(
     seed: int = typer.Option(0, help="Which random sample."),
 ) -> None:
     """Write a PNG grid of randomly drawn images titled with their class and id."""
-    from asirra import data
+    from asirra.data import show_folder
 
-    root = data.resolve_data_root(path)
-    classes = data.class_names(root) or data.CLASS_NAMES
-    typer.echo(str(data.show_grid(data.scan(root), out, n=n, seed=seed, classes=classes)))
+    typer.echo(str(show_folder(path, out, n=n, seed=seed)))
 
 
 def data_digits(

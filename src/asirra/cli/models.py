@@ -40,17 +40,15 @@ def evaluate_command(
     """Accuracy, log loss, AUC, confusion, and the share of 12-image challenges solved; plots in OUT.
 
     A model of other classes than cat/dog: top-1/top-k accuracy, macro-F1, per-class scores, N x N confusion."""
-    from asirra.evaluate import evaluate_data
-    from asirra.predict import load_classifier
+    from asirra import api
 
-    classifier = load_classifier(model, backend=backend, tta=tta)
-    evaluation = evaluate_data(classifier, path, out, split=split, limit=limit, seed=seed, n_challenges=challenges,
-                               explain=explain)
-    report_skips(evaluation.predictions.unusable)
+    result = api.evaluate(model, path, split=split, limit=limit, out=out, challenges=challenges, explain=explain,
+                          seed=seed, backend=backend, tta=tta)
+    report_skips(result.unusable)
     if as_json:
-        emit_json(evaluation.report.to_json())
+        emit_json(result.metrics)
         return
-    for line in evaluation.summary_lines():
+    for line in result.summary_lines():
         typer.echo(line)
 
 
@@ -64,26 +62,41 @@ def predict_command(
                                                       "other models: add one p_<class> column per class."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first predictions."),
     tta: TtaOption = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission, or id,label for other classes)."""
-    from asirra.calibration import describe_row
+    """Classify one image (prints `dog 0.97`) or a folder (writes a Kaggle submission, or id,label for other classes).
+
+    With --json: one object naming the engine that answered (backend, int8 kernel path, threads) beside the
+    image's label and probabilities, or beside the folder's CSV path and counts."""
+    from asirra.calibration import describe_row, predicted_index
     from asirra.data import scan
     from asirra.predict import load_classifier, plot_predictions, predict_refs, write_predictions
 
     if path.is_file() and path.suffix.lower() != ".zip":
         classifier = load_classifier(model, backend=backend, tta=tta)
-        typer.echo(describe_row(classifier.predict_proba([path])[0], classifier.classes))
+        row = classifier.predict_proba([path])[0]
+        if as_json:
+            label = classifier.classes[int(predicted_index(row[None])[0])]  # the package's one decision rule
+            emit_json({"image": str(path), "label": label,
+                       "proba": {c: float(p) for c, p in zip(classifier.classes, row)}, "engine": classifier.engine})
+            return
+        typer.echo(describe_row(row, classifier.classes))
         return
     refs = scan(path, labelled=False)
     classifier = load_classifier(model, backend=backend, tta=tta)
-    preds = predict_refs(classifier, refs)
+    preds = predict_refs(classifier, refs, progress=not as_json)
     report_skips(preds.unusable)
     out = out or Path("submission.csv")
     write_predictions(preds, out, proba=proba)
+    grid_path = plot_predictions(preds, grid) if grid is not None else None
+    if as_json:
+        emit_json({"predictions": len(preds.refs), "out": str(out), "skipped": preds.unusable,
+                   "grid": None if grid_path is None else str(grid_path), "engine": classifier.engine})
+        return
     skipped = f" ({len(preds.unusable)} unreadable skipped)" if preds.unusable else ""
     typer.echo(f"{len(preds.refs)} predictions -> {out}{skipped}")
-    if grid is not None:
-        typer.echo(f"grid: {plot_predictions(preds, grid)}")
+    if grid_path is not None:
+        typer.echo(f"grid: {grid_path}")
 
 
 def explain_command(
@@ -97,12 +110,10 @@ def explain_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Grad-CAM heat maps: where in each picture the model found the evidence for the class it predicted."""
-    from asirra.explain import collect_refs, explain_refs, summary_lines
-    from asirra.predict import load_classifier
+    from asirra import api
+    from asirra.gradcam import summary_lines
 
-    classifier = load_classifier(model, backend="torch")  # Grad-CAM needs the PyTorch module's gradients
-    refs = collect_refs(images, limit=limit, seed=seed, classes=classifier.classes)
-    report = explain_refs(classifier.model, classifier.config, refs, out, target_class=class_name)
+    report = api.explain(images, model=model, target=class_name, limit=limit, seed=seed, out=out)
     report_skips(report.skipped)
     if as_json:
         emit_json(json.loads(report.files["json"].read_text()))
@@ -117,11 +128,17 @@ def export_command(
     int8: bool = typer.Option(False, "--int8", help="Write model.int8.onnx (static int8, made from model.onnx; needs --calibration)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Images whose activation ranges set the int8 scales."),
     package: bool = typer.Option(False, "--package", help="Install the model as the package's default (fp16, with --int8 its int8 export)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Write a copy of the model that reads "
+                                             "images at this size into --out (e.g. 260: Lite2's native size, faster)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The folder for the --image-size copy."),
 ) -> None:
-    """Export a model to ONNX (fp32, optionally int8), or make it the default model shipped in the package."""
+    """Export a model to ONNX (fp32, optionally int8), make it the default model shipped in the package, or
+    copy it to read another image size (`--image-size 260 --out DIR`; then `asirra.solve(files, model=DIR)`)."""
     from asirra.export import export_model
 
-    for line in export_model(model, onnx=onnx, int8=int8, calibration=calibration, package=package).summary_lines():
+    report = export_model(model, onnx=onnx, int8=int8, calibration=calibration, package=package,
+                          image_size=image_size, out=out)
+    for line in report.summary_lines():
         typer.echo(line)
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from asirra import tune as tuning  # light: optuna and torch load inside its functions
+from asirra import tuning  # light: optuna and torch load inside its functions
 from asirra.cli.common import SeedOption, with_options_of
-from asirra.config import AugmentConfig, Schedule, Strategy, TrainConfig, read_config_file
+from asirra.config import Schedule, Strategy
 from asirra.config import default as train_default
-from asirra.crossval import HAMMING_THRESHOLD, cross_validate, read_image_keys
-from asirra.errors import require
+from asirra.crossval import HAMMING_THRESHOLD, cross_validate
 
 DATA_HELP = "Labelled images: cat/dog, or one folder per class with any names (default: the --data lookup, its train/)."
 
@@ -48,16 +46,17 @@ def train_command(
                                                         "each takes --batch-size / N of every batch)."),
 ) -> None:
     """Train a network; the best epoch (by validation loss) is kept, calibrated, in OUT/model."""
+    from asirra import api
     from asirra.distributed import end_rank_process, launched_as_rank
-    from asirra.train import train, train_on_processes
 
-    config = config_from_options(ctx)
+    try:
+        result = api.train(data, config=config_file, out=out if _given(ctx, "out") else None, resume=resume,
+                           nproc=nproc, **train_options_given(ctx))
+    except api.TrainingFailed as exc:  # rank 0 reported the run as it went; torchrun's exit code is ours
+        raise typer.Exit(exc.exit_code) from None
     if nproc > 1:
-        code = train_on_processes(config, resume, nproc)  # rank 0 reports the run as it goes
-        if code:
-            raise typer.Exit(code)
         return
-    run = train(config, resume=resume)
+    run = result.run
     typer.echo(f"run folder: {run}  (model: {run / 'model'}, curves: {run / 'curves.png'})")
     if launched_as_rank():
         end_rank_process()  # a finished torchrun rank: not to be aborted by the runtime's own teardown
@@ -68,23 +67,15 @@ TRAIN_FIELDS = ("model", "image_size", "strategy", "epochs", "batch_size", "lr",
                 "schedule", "label_smoothing", "patience", "limit", "seed", "augment", "tta", "compile")
 
 
-def config_from_options(ctx: typer.Context) -> TrainConfig:
-    """The TrainConfig a command's `asirra train` options describe: --config FILE, overridden by options given."""
-    from asirra.data import labelled_root
-
-    params = ctx.params
-    options = {name: params[name] for name in TRAIN_FIELDS}
-    options["augment"] = asdict(AugmentConfig()) if params["augment"] else None
+def _given(ctx: typer.Context, name: str) -> bool:
     # By name: typer vendors its own click, whose ParameterSource is not click's.
-    given = {name for name in params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
-    settings = read_config_file(params["config_file"]) if params["config_file"] else {}
-    # The file's settings stand unless an option says otherwise; a bare command is all defaults.
-    settings.update({k: v for k, v in options.items() if k in given or k not in settings})
-    if "data" in given or "data" not in settings:
-        settings["data"] = str(labelled_root(params["data"]))
-    if "out" in given or "out" not in settings:
-        settings["out"] = str(params["out"])
-    return TrainConfig.from_dict(settings)
+    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+
+def train_options_given(ctx: typer.Context) -> dict:
+    """The `asirra train` options given on the command line (they override a --config file; the others are
+    TrainConfig's defaults, which every option shows)."""
+    return {name: ctx.params[name] for name in TRAIN_FIELDS if _given(ctx, name)}
 
 
 @with_options_of(train_command, skip=("resume", "nproc"))
@@ -108,10 +99,11 @@ def cv_command(
 ) -> None:
     """Stratified k-fold cross-validation (duplicates and near-duplicates never straddle folds), plus every
     `asirra train` option; out-of-fold predictions and the most suspicious labels."""
-    config = replace(config_from_options(ctx), out=str(out))  # never a --config file's own run folder
-    drop = read_image_keys(drop_from_training) if drop_from_training else frozenset()
-    cross_validate(config, folds, train_fraction, HAMMING_THRESHOLD if hamming is None else hamming, suspects,
-                   drop_from_training=drop)
+    from asirra import api
+
+    api.cross_validate(ctx.params["data"], config=ctx.params["config_file"], out=out, folds=folds,
+                       train_fraction=train_fraction, hamming=hamming, suspects=suspects,
+                       drop_from_training=drop_from_training, **train_options_given(ctx))
 
 
 def ablate_command(
@@ -158,10 +150,7 @@ def tune_command(
     seed: SeedOption = train_default("seed"),
 ) -> None:
     """Search training settings with Optuna (TPE, median pruning); the best becomes a config `train --config` runs."""
-    from asirra.data import labelled_root
+    from asirra import api
 
-    require("optuna", "tune")  # before any data is read
-
-    tuning.tune(tuning.TuneSettings(model=model, data=str(labelled_root(data)), out=str(out), trials=trials,
-                                    storage=storage, study=study, timeout=timeout, limit=limit or None, epochs=epochs,
-                                    seed=seed, heldout=heldout))
+    api.tune(data, model=model, trials=trials, out=out, limit=limit, epochs=epochs, heldout=heldout, storage=storage,
+             study=study, timeout=timeout, seed=seed)

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -85,33 +86,59 @@ class Refused(Exception):
 
 @dataclass
 class AttackReport:
+    """What `asirra.attack` measured: challenges attempted, answered and passed, refusals by kind, waits and latencies.
+    
+    `solve_rate` (passed / answered, with its Wilson 95% interval `solve_rate_ci`) measures the
+    classifier; `passes_per_hour` measures what the service's limits leave of it."""
+
     url: str
+    """The service attacked."""
     model: str
-    backend: str | None = None  # the classifier's inference engine, when it has one
+    """The classifier's name."""
+    backend: str | None = None
+    """The classifier's inference engine, when it has one."""
+    kernels: str | None = None
+    """Its kernel path (int8: "avx512-vnni", "exact-u8u8", ...; "fp32"; "torch")."""
     preprocess: str = "none"
+    """The counter-moves applied to each served image ("none" for none)"""
     max_wait: float = DEFAULT_MAX_WAIT
+    """Seconds the run could spend waiting out Retry-After."""
     attempted: int = 0
-    results: Counter = field(default_factory=Counter)  # verdict -> challenges answered
-    refused: Counter = field(default_factory=Counter)  # "429", "410", "ConnectError"... -> challenges without a verdict
-    retries: int = 0  # requests sent again after waiting out a Retry-After
-    waited: float = 0.0  # seconds paused on Retry-After, summed over workers
-    wait_budget_exhausted: bool = False  # a Retry-After was not waited out because max_wait was spent
-    latencies_ms: list[float] = field(default_factory=list)  # answered challenges, fetch -> verdict, waits excluded
+    """Challenges started."""
+    results: Counter = field(default_factory=Counter)
+    """Verdict -> challenges answered."""
+    refused: Counter = field(default_factory=Counter)
+    """"429", "410", "ConnectError"... -> challenges without a verdict."""
+    retries: int = 0
+    """Requests sent again after waiting out a Retry-After."""
+    waited: float = 0.0
+    """Seconds paused on Retry-After, summed over workers."""
+    wait_budget_exhausted: bool = False
+    """A Retry-After was not waited out because max_wait was spent."""
+    latencies_ms: list[float] = field(default_factory=list)
+    """Answered challenges, fetch -> verdict, waits excluded."""
     wall_seconds: float = 0.0
+    """The run's duration, waits included."""
     identity: str = OneAddress.name
-    # Per challenge (started, ended, verdict or refusal kind, limited: the burst was spent by its end), in seconds
-    # from the run's start.
+    """"one-address", or "rotating": a fresh address, cookie jar and connection per challenge."""
     timeline: list[tuple[float, float, str, bool]] = field(default_factory=list)
-    first_limited: float | None = None  # seconds from the start to the first 429: the burst allowance spent
-    bytes_up: int = 0  # HTTP request lines, headers and bodies
-    bytes_down: int = 0  # HTTP status lines, headers and bodies
+    """Per challenge: started, ended (seconds from the run's start), verdict or refusal kind, and whether the
+    burst allowance was spent by its end."""
+    first_limited: float | None = None
+    """Seconds from the start to the first 429: the burst allowance spent."""
+    bytes_up: int = 0
+    """HTTP request lines, headers and bodies sent."""
+    bytes_down: int = 0
+    """HTTP status lines, headers and bodies received."""
 
     @property
     def answered(self) -> int:
+        """Challenges that got a verdict (pass, almost or fail)."""
         return sum(self.results.values())
 
     @property
     def passed(self) -> int:
+        """Challenges passed."""
         return self.results["pass"]
 
     @property
@@ -151,14 +178,28 @@ class AttackReport:
         return (self.bytes_up + self.bytes_down) / self.attempted if self.attempted else None
 
     def percentile_ms(self, q: float) -> float | None:
+        """A percentile of the answered challenges' latency (fetch to verdict, waits excluded).
+
+        Args:
+            q: The percentile, 0-100 (50: the median).
+
+        Returns:
+            Milliseconds, or None when nothing was answered.
+        """
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready values: what `asirra attack --json` prints.
+
+        Returns:
+            Every count, rate, interval and latency percentile, by name.
+        """
         ci = self.solve_rate_ci
         return {
             "url": self.url,
             "model": self.model,
             "backend": self.backend,
+            "kernels": self.kernels,
             "preprocess": self.preprocess,
             "attempted": self.attempted,
             "answered": self.answered,
@@ -186,7 +227,11 @@ class AttackReport:
         }
 
     def summary_lines(self) -> list[str]:
-        """The report as text, for the CLI."""
+        """The report as text: what `asirra attack` prints.
+
+        Returns:
+            A few lines of counts, the solve rate with its interval, waits and passes per hour.
+        """
         results = ", ".join(f"{verdict} {self.results[verdict]}" for verdict in VERDICTS)
         refused = ", ".join(f"{kind} x{count}" for kind, count in self.refused.items()) or "none"
         rate = "n/a (none answered)"
@@ -317,8 +362,9 @@ async def attack_async(url: str, n: int, classifier, *, concurrency: int = 1, ti
                        observe: Observer | None = None) -> AttackReport:
     preprocess = preprocess or Pipeline()
     report = AttackReport(url=url, model=getattr(classifier, "name", type(classifier).__name__),
-                          backend=getattr(classifier, "backend", None), preprocess=preprocess.spec, max_wait=max_wait,
-                          identity=identity.name)
+                          backend=getattr(classifier, "backend", None),
+                          kernels=getattr(classifier, "engine", {}).get("kernels"), preprocess=preprocess.spec,
+                          max_wait=max_wait, identity=identity.name)
     tickets = iter(range(n))  # shared by the workers; next() never awaits, so no lock is needed
     # One classification at a time: the model already uses every core, and a classifier object
     # is not promised to be thread-safe. Network waits of the other workers still overlap it.
@@ -416,9 +462,20 @@ def attack(url: str, n: int, classifier, *, concurrency: int = 1, timeout: float
     (OneAddress or Rotating); `observe(images, answers, verdict)` sees every answered challenge.
     """
     check_settings(url, n, concurrency, max_wait)
-    return asyncio.run(attack_async(url, n, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
-                                    preprocess=preprocess, progress=progress, transport=transport, clock=clock,
-                                    sleep=sleep, identity=identity, observe=observe))
+    return run_to_end(attack_async(url, n, classifier, concurrency=concurrency, timeout=timeout, max_wait=max_wait,
+                                   preprocess=preprocess, progress=progress, transport=transport, clock=clock,
+                                   sleep=sleep, identity=identity, observe=observe))
+
+
+def run_to_end(coroutine):
+    """asyncio.run(coroutine), also where this thread already runs an event loop (a Jupyter kernel does):
+    then the coroutine gets its own loop in a worker thread, and this call still blocks until it ends."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as worker:
+        return worker.submit(asyncio.run, coroutine).result()
 
 
 class RandomGuesser:

@@ -25,21 +25,38 @@ class HardenError(ConfigError):
 
 @dataclass(frozen=True)
 class HardenConfig:
+    """How `asirra.harden` perturbs a pool: the method, the bound, the defender's surrogate models.
+    
+    Checked when made; `asirra.harden(..., **options)` takes the same names."""
+
     method: str = "fgsm"
-    epsilon: float = 4 / 255  # L-infinity bound as a fraction of the 0..255 range
+    """fgsm, pgd, random-target / balanced-target (label-independent targets), feature, universal or universal-
+    uncertain (one pattern for every image)"""
+    epsilon: float = 4 / 255
+    """L-infinity bound as a fraction of the 0..255 range."""
     surrogates: tuple[str, ...] = ("effnet-lite0",)
-    steps: int | None = None  # None: DEFAULT_STEPS[method]
-    eot: int = 2  # random service transformations averaged per gradient
-    step_size: float | None = None  # in 0..255 units; None: 2.5 * eps / steps (Madry et al.)
-    momentum: float = 1.0  # MI-FGSM's decay; helps perturbations transfer to unseen models
+    """The defender's models the perturbation is crafted against: run folders, registry names (runs/surrogates/NAME) or
+    "shipped" (the attacker's own model: white-box rows only)"""
+    steps: int | None = None
+    """None: DEFAULT_STEPS[method]."""
+    eot: int = 2
+    """Random service transformations averaged per gradient."""
+    step_size: float | None = None
+    """In 0..255 units; None: 2.5 * eps / steps (Madry et al.)"""
+    momentum: float = 1.0
+    """MI-FGSM's decay; helps perturbations transfer to unseen models."""
     seed: int = 0
-    crafting: str | None = None  # universal*: a labelled folder of the defender's own images, none of them in the pool
-    crafting_limit: int = 64  # universal*: crafting images drawn (seeded) from `crafting`
-    logit_clip: float = 4.0  # balanced-target: the surrogate-logit move each image gets, in either direction
-    # The surrogates' passes in bfloat16 (autocast): half the CPU time where the CPU computes bf16 natively
-    # (AVX-512-BF16, AMX), many times more where it emulates it. PGD steps by the gradient's sign, which
-    # bf16 keeps well enough that the surrogate is fooled alike (benchmarks/bench_harden_bf16.py).
+    """Seeds the sample, the service transformations and random targets."""
+    crafting: str | None = None
+    """Universal*: a labelled folder of the defender's own images, none of them in the pool."""
+    crafting_limit: int = 64
+    """Universal*: crafting images drawn (seeded) from `crafting`."""
+    logit_clip: float = 4.0
+    """Balanced-target: the surrogate-logit move each image gets, in either direction."""
     bf16: bool = False
+    """The surrogates' passes in bfloat16 (autocast): half the CPU time where the CPU computes bf16 natively
+    (AVX-512-BF16, AMX), many times more where it emulates it. PGD steps by the gradient's sign, which bf16
+    keeps well enough that the surrogate is fooled alike (benchmarks/bench_harden_bf16.py)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -63,6 +80,7 @@ class HardenConfig:
 
     @property
     def n_steps(self) -> int:
+        """The gradient steps this method takes (1 for fgsm, else `steps` or the method's default)."""
         return 1 if self.method == "fgsm" else self.steps or DEFAULT_STEPS[self.method]
 
     @property

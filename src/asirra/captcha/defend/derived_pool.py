@@ -57,11 +57,34 @@ class PoolError(ConfigError):
 
 @dataclass
 class DerivedPoolSummary:
+    """A hardened or distorted pool as written: what `asirra.harden` returns.
+
+    The folder holds one lossless `cat.N.png` / `dog.N.png` per usable input (a labelled pool that
+    `asirra.create_app` serves as it is), `manifest.jsonl` (one record per image: its source, the
+    SSIM / PSNR / L-inf distance to the original, seconds), `summary.json` and `compare.html`
+    (each original beside its copy, for people to judge).
+    """
+
     out: Path
-    written: int  # images in the pool now (this run and earlier ones)
+    """The pool's folder."""
+    written: int
+    """Images in the pool now, from this call and earlier (resumed) ones."""
     this_run: int
-    unusable: list[dict]  # {"source", "reason"} over the whole manifest
+    """Images written by this call."""
+    unusable: list[dict]
+    """{"source", "reason"} of every input that could not be used, over the whole manifest."""
     files: dict[str, str]
+    """"manifest", "summary" and "compare": the paths of those files."""
+
+
+def labelled_sample(data: str | os.PathLike, limit: int | None, seed: int) -> list:
+    """The labelled images under `data` a derived pool is made of: a uniformly random `limit` of them
+    (all when None), in their folder's order."""
+    from asirra.data import scan
+    from asirra.stats import random_subset
+
+    refs = scan(data, labelled=True)
+    return [refs[i] for i in random_subset(len(refs), limit, seed)]
 
 
 def output_names(refs: Sequence) -> list[str]:

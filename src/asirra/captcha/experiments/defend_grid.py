@@ -218,10 +218,7 @@ FAMILY_MARKERS = {"none": ("X", 90, 3), "partial-credit": ("s", 30, 2)}
 
 def plot_defend(report: DefendReport, human_floor: float = HUMAN_FLOOR):
     """Left: bot vs human solve rate per setting. Right: bot solve rate vs per-image accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # needs no backend: nothing is shown, only saved
 
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     left, right = fig.subplots(1, 2)

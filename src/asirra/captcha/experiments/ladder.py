@@ -280,7 +280,7 @@ def _probe_config(data: Path, run: Path, seed: int, limit: int | None = None, vi
 
 
 def _train(config) -> Path:
-    from asirra.train import train
+    from asirra.training import train
 
     run = Path(config.out)
     return train(config, resume=(run / "checkpoint.pt").exists())

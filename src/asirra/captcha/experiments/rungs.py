@@ -162,7 +162,7 @@ def build_finetune(out: Path, bought, ctx: RungContext, epochs: int = 6) -> dict
     the kept epoch is the one with the lowest training loss (and the temperature, which changes no
     answer, is fitted on it)."""
     from asirra.config import Schedule, Strategy, TrainConfig
-    from asirra.train import load_pixels, prepare_run, train_on
+    from asirra.training import load_pixels, prepare_run, train_on
 
     data = write_renderings(out / "served", bought, first_only=True)
     run = out / "run"
@@ -205,10 +205,11 @@ def _out_of_fold(name: str, bought, ctx: RungContext) -> np.ndarray:
 
 
 def build_ensemble(out: Path, bought, ctx: RungContext) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
     from asirra.captcha.attack.counter import parse_preprocess
     from asirra.captcha.attack.solvers import MovedSolver
     from asirra.predict import load_classifier
-    from sklearn.linear_model import LogisticRegression
 
     firsts = [p.renderings[0] for p in bought]
     shipped = MovedSolver(load_classifier(None), parse_preprocess(AUG_MOVE))

@@ -12,6 +12,10 @@ What a client may learn, and what it may not:
   single-use pass token that the site's server checks with `POST /api/verify` (as reCAPTCHA's and
   Turnstile's siteverify): the browser's word alone never convinces a site.
 
+Other sites embed it with `/asirra.js` and `/widget` (asirra.captcha.service.widget); every request passes
+the plain-ASGI gate (asirra.captcha.service.gate: rate limits, cookie, headers) and is observed
+(asirra.captcha.service.observe: `/metrics`, the access log).
+
 State lives in a store (`asirra.captcha.service.store`): this process's memory by default, or one Redis
 shared by any number of workers (`ServiceSettings.redis_url`). When the store is unreachable,
 clients get a 503 JSON error with Retry-After, and the next request after it returns just works.
@@ -21,35 +25,38 @@ Tests find answers through `app.state.store.peek(id)`; no route exposes them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import os
-import random
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Callable, Sequence
 from urllib.parse import parse_qsl
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from asirra.captcha.challenge import CHALLENGE_SIZE, count_mistakes, draw_indices
-from asirra.captcha.rendering import render_jpeg
 from asirra.captcha.safeguards import Safeguard
 from asirra.captcha.service.clients import CookieSigner, PassTokens, Sites, derive_key
+from asirra.captcha.service.gate import STORE_DOWN, Gate, error_body
+from asirra.captcha.service.images import ImageServer
+from asirra.captcha.service.observe import Metrics, Observer
 from asirra.captcha.service.settings import ServiceError, ServiceSettings
 from asirra.captcha.service.store import (
     Closed,
-    Full,
     Limit,
     MemoryStore,
+    PassRecord,
     RedisStore,
     StoreError,
     StoreSettings,
@@ -57,66 +64,51 @@ from asirra.captcha.service.store import (
     Unknown,
     ordered_pool,
 )
+from asirra.captcha.service.widget import STATIC, WidgetRefused, check_page, check_widget_request, widget_page
 from asirra.images import UnusableImage
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).parent / "static"
-COOKIE = "asirra_client"
 MESSAGES = {
     "pass": "Correct: you passed.",
     "almost": "Almost: one slip. Solve another challenge to pass.",
-    "fail": "Not quite. Try a new challenge.",
+    # Neutral on purpose: under the token bucket a right answer also fails while the client's bucket is empty.
+    "fail": "Not passed. Try a new challenge.",
 }
-# Shown to browsers on every response: no framing (a solver farm could relay the page in a
-# frame), no third-party anything, no referrer carrying challenge URLs elsewhere.
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+
+
+# A refusal's kind when it names none: by its status.
+KIND_BY_STATUS = {400: "bad_request", 413: "bad_request", 422: "bad_request", 404: "not_found", 429: "rate_limited",
+                  503: "unavailable"}
 
 
 class ApiError(Exception):
-    """A refusal the client sees as `status` and {"error": message}."""
+    """A refusal the client sees as `status` and {"error": message, "kind": kind} (kinds: observe.REFUSALS)."""
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
+    def __init__(self, status: int, message: str, kind: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+        self.kind = kind or KIND_BY_STATUS.get(status, "bad_request")
 
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else None
-        return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
-
-
-class UntrustedForwarding:
-    """Says once per process that X-Forwarded-For arrives from a proxy nobody trusted: behind it, every
-    visitor shares the proxy's rate limits and safeguard state (a misconfiguration that locks people out)."""
-
-    def __init__(self):
-        self.warned = False
-
-    def warn(self, peer: str) -> None:
-        if not self.warned:
-            self.warned = True
-            log.warning(f"X-Forwarded-For from {peer} ignored: not a trusted proxy; every client behind it shares "
-                        "one address's limits and safeguard state (asirra serve --trusted-proxy ADDRESS)")
+    def response(self) -> Response:
+        headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else {}
+        return Response(error_body(self.message, self.kind), status_code=self.status, headers=headers,
+                        media_type="application/json")
 
 
 def refusal(exc: StoreError, unknown: str = "unknown challenge") -> ApiError:
     """What the client is told when the store says no."""
     if isinstance(exc, Closed):
         if exc.reason == "answered":
-            return ApiError(409, "challenge already answered")
-        return ApiError(410, "challenge expired" if exc.reason == "expired" else "challenge was replaced by a newer one")
+            return ApiError(409, "challenge already answered", "already_answered")
+        if exc.reason == "expired":
+            return ApiError(410, "challenge expired", "expired")
+        return ApiError(410, "challenge was replaced by a newer one", "replaced")
     if isinstance(exc, Unknown):
-        return ApiError(404, unknown)
-    if isinstance(exc, Full):
-        return ApiError(503, "the server is busy; try again shortly", retry_after=5)
-    if isinstance(exc, Unavailable):
+        return ApiError(404, unknown, "unknown_challenge")
+    if isinstance(exc, Unavailable):  # the same words as when the gate meets it
         log.error("store unavailable: %s", exc)
-        return ApiError(503, "the challenge store is unavailable; try again shortly", retry_after=2)
+        return ApiError(STORE_DOWN.status, STORE_DOWN.message, STORE_DOWN.kind, retry_after=STORE_DOWN.retry_after)
     raise TypeError(f"no refusal for {exc!r}")
 
 
@@ -132,37 +124,6 @@ def usable_pool(refs: Sequence, progress: bool = True) -> list:
         log.warning("pool image left out: %s: %s", item["path"], item["reason"])
     broken = {item["path"] for item in report.unusable}
     return [ref for ref in refs if ref.source not in broken]
-
-
-class ImageServer:
-    """Pool image -> served JPEG. A pool image that has become unreadable since startup is
-    replaced by another of the same label, which keeps the challenge's answer true."""
-
-    ATTEMPTS = 5
-
-    def __init__(self, pool: Sequence, settings: ServiceSettings):
-        self._settings = settings
-        self._rng = random.SystemRandom()  # jitter an attacker cannot replay
-        self._by_label: dict[int, list] = {}
-        for ref in pool:
-            self._by_label.setdefault(ref.label, []).append(ref)
-
-    def jpeg(self, ref) -> bytes:
-        for candidate in self._candidates(ref):
-            try:
-                image = candidate.load(draft_size=self._settings.image_side[1])
-            except UnusableImage as exc:
-                log.warning("pool image unreadable while serving: %s", exc)
-                continue
-            return render_jpeg(image, self._rng, self._settings.rendering)
-        raise ApiError(503, "image temporarily unavailable; request a new challenge")
-
-    def _candidates(self, ref) -> Iterator:
-        """`ref`, then (only if it fails) up to ATTEMPTS other images of its label."""
-        yield ref
-        same_label = self._by_label[ref.label]
-        picks = self._rng.sample(same_label, min(self.ATTEMPTS + 1, len(same_label)))
-        yield from [pick for pick in picks if pick is not ref][: self.ATTEMPTS]
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -215,9 +176,8 @@ class VerifyRefused(Exception):
         super().__init__(message)
         self.status, self.codes, self.message = status, codes, message
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"success": False, "error-codes": self.codes, "error": self.message},
-                            status_code=self.status)
+    def reply(self) -> dict:
+        return {"success": False, "error-codes": self.codes, "error": self.message, "status": self.status}
 
 
 def parse_verify(body: bytes, content_type: str) -> dict[str, str]:
@@ -249,6 +209,18 @@ def parse_verify(body: bytes, content_type: str) -> dict[str, str]:
     if missing:
         raise VerifyRefused(400, missing, "the secret and the response (the pass token) are both needed")
     return fields
+
+
+def read_pool(data: str | os.PathLike, limit: int | None = None, seed: int = 0, progress: bool = True) -> list:
+    """The labelled images under `data` a service serves: a stratified random `limit` of them (all when
+    None), the undecodable ones left out, in the order every worker agrees on."""
+    from asirra.captcha.service.store import ordered_pool
+    from asirra.data import scan
+    from asirra.stats import stratified_subset
+
+    refs = scan(data, labelled=True)
+    refs = [refs[i] for i in stratified_subset([ref.label for ref in refs], limit, seed)]
+    return ordered_pool(usable_pool(refs, progress=progress))
 
 
 def make_store(pool: Sequence, safeguard: Safeguard, settings: ServiceSettings, clock: Callable[[], float] | None):
@@ -293,52 +265,31 @@ def create_app(
 
     app = FastAPI(title="asirra captcha", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.store = store
+    app.state.metrics = metrics = Metrics()
     images = ImageServer(pool, settings)
-    untrusted_forwarding = UntrustedForwarding()
+    app.state.images = images  # its cache's size and hit rate: /healthz
     signer = CookieSigner(derive_key(settings.secret, "cookie") if settings.secret else None)
     passes = PassTokens(derive_key(settings.secret, "pass-token") if settings.secret else None)
     rng = np.random.default_rng(settings.seed)
 
     @app.exception_handler(ApiError)
-    async def refuse(request: Request, exc: ApiError) -> JSONResponse:
+    async def refuse(request: Request, exc: ApiError) -> Response:
+        request.state.refusal = exc.kind
         return exc.response()
 
     @app.exception_handler(StoreError)
-    async def store_refused(request: Request, exc: StoreError) -> JSONResponse:
-        return refusal(exc).response()
+    async def store_refused(request: Request, exc: StoreError) -> Response:
+        if isinstance(exc, Unavailable):
+            metrics.store_errors.labels(exc.op).inc()
+        return await refuse(request, refusal(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def not_found(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail).lower()}, status_code=exc.status_code)
+    async def not_found(request: Request, exc: StarletteHTTPException) -> Response:
+        return await refuse(request, ApiError(exc.status_code, str(exc.detail).lower()))
 
-    @app.middleware("http")
-    async def identify_and_limit(request: Request, call_next):
-        request.state.ip = request.client.host if request.client else "unknown"
-        if not settings.trusted_proxies and "x-forwarded-for" in request.headers:
-            untrusted_forwarding.warn(request.state.ip)
-        path = request.url.path
-        site_to_service = path == "/api/verify"  # a site's server: no cookie, its own (higher) limit
-        client_id = signer.verify(request.cookies.get(COOKIE))
-        new_cookie = None
-        if client_id is None and not site_to_service:
-            client_id, new_cookie = signer.issue()
-        request.state.client_id = client_id
-        try:
-            wait = await store.spend("verify" if site_to_service else "request", request.state.ip) \
-                if path.startswith("/api/") else 0.0
-        except StoreError as exc:
-            response = refusal(exc).response()
-        else:
-            if wait:
-                response = ApiError(429, "too many requests; slow down", retry_after=wait).response()
-            else:
-                response = await call_next(request)
-        if new_cookie:
-            response.set_cookie(COOKIE, new_cookie, max_age=30 * 86400, httponly=True, samesite="strict",
-                                secure=request.url.scheme == "https")
-        response.headers.update(SECURITY_HEADERS)
-        return response
-
+    # Plain ASGI, outermost but for the proxy headers: limits, cookie, headers, metrics and the access log.
+    app.add_middleware(Gate, store=store, signer=signer, observer=Observer(metrics, settings.access_log),
+                       trusts_proxies=bool(settings.trusted_proxies))
     if settings.trusted_proxies:
         # Outermost, so every limit and safeguard keys on the address the trusted proxy saw. uvicorn's
         # own handling is off (run.py), or it would trust 127.0.0.1 to name anyone.
@@ -348,83 +299,184 @@ def create_app(
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/asirra.js", include_in_schema=False)
+    def loader() -> FileResponse:
+        """The script other sites' pages load: it draws the widget in their forms."""
+        headers = {"Cache-Control": "public, max-age=300", "Cross-Origin-Resource-Policy": "cross-origin"}
+        return FileResponse(STATIC / "asirra.js", media_type="text/javascript", headers=headers)
+
+    @app.get("/widget", include_in_schema=False)
+    def widget(request: Request) -> HTMLResponse:
+        """The grid inside another site's page; framable only by the registered origin it was asked for."""
+        try:
+            request.state.frame_ancestors = check_widget_request(request.query_params, request.headers, sites)
+            return HTMLResponse(widget_page(), headers={"Cache-Control": "no-store"})
+        except WidgetRefused as exc:
+            # The page it names hears why (its script shows it and calls the site's error callback); a
+            # malformed origin frames nowhere and the site's script reports the check unreachable.
+            request.state.frame_ancestors, request.state.refusal = exc.origin, exc.kind
+            return HTMLResponse(widget_page(exc.kind), status_code=403, headers={"Cache-Control": "no-store"})
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz")
     async def health() -> dict:
         # The worker's pid tells an operator (and the tests) which process of --workers N answered.
-        return {"status": "ok", "outstanding": await store.outstanding(), "worker": os.getpid()}
+        return {"status": "ok", "outstanding": await store.outstanding(), "worker": os.getpid(),
+                "image_cache": images.cache.stats(), "renderer": f"{images.renderer.resizer}+{images.renderer.encoder}"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape(request: Request) -> Response:
+        """Prometheus, from an allowed address and never through a proxy; to anyone else there is no such page."""
+        if not metrics_allowed(request, settings.metrics_allow):
+            raise ApiError(404, "not found")
+        body, content_type = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=content_type)
 
     @app.post("/api/challenge")
     async def new_challenge(request: Request) -> dict:
-        sitekey = requested_site(request, sites)  # refused before any state is touched
+        same_origin_only(request)
+        sitekey, hostname = requested_site(request, sites)  # refused before any state is touched
+        request.state.site = sitekey or "none"
         wait = await store.spend("challenge", request.state.ip)
         if wait:
             raise ApiError(429, "too many new challenges; slow down", retry_after=wait)
-        issued = await store.issue(request.state.ip, draw_indices(len(pool), rng), sitekey)
+        issued = await store.issue(request.state.ip, draw_indices(len(pool), rng), sitekey, hostname)
+        metrics.issued.labels(sitekey or "none").inc()
         return {
             "id": issued.id,
             "images": [f"/api/image/{token}" for token in issued.image_tokens],
             "expires_in": settings.ttl_seconds,
         }
 
-    @app.get("/api/image/{token}")
-    async def image(token: str) -> Response:
+    async def image(request: Request) -> Response:
         try:
-            ref = await store.image(token)
+            ref = await store.image(request.path_params["token"])
         except Unknown:
-            raise ApiError(404, "unknown or expired image") from None
-        jpeg = await run_in_threadpool(images.jpeg, ref)  # decoding and encoding: off the event loop
+            raise ApiError(404, "unknown or expired image", "unknown_image") from None
+        # A cached photo renders here (~0.15 ms, less than a thread hop); decoding one goes off the event loop.
+        jpeg = images.cached_jpeg(ref)
+        if jpeg is None:
+            try:
+                jpeg = await run_in_threadpool(images.jpeg, ref)
+            except UnusableImage:
+                raise ApiError(503, "image temporarily unavailable; request a new challenge") from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    # 12 of a challenge's 14 requests: a plain Starlette route, without FastAPI's per-request dependency
+    # solving and response handling (~30 us each; benchmarks/README.md, serving).
+    app.router.routes.append(TemplateRoute("/api/image/{token}", image, methods=["GET"]))
 
     @app.post("/api/challenge/{challenge_id}/answer")
     async def answer(challenge_id: str, request: Request) -> dict:
+        same_origin_only(request)
         selected = parse_selection(await read_body(request, settings.max_body_bytes))
         issued = await store.take(challenge_id)
         mistakes = count_mistakes(selected, issued.challenge.answer)
         verdict = await store.judge(request.state.client_id, request.state.ip, mistakes)
+        request.state.site, request.state.verdict = issued.sitekey or "none", verdict
+        metrics.answers.labels(issued.sitekey or "none", verdict).inc()
         reply = {"result": verdict, "message": MESSAGES[verdict]}
         if verdict == "pass" and issued.sitekey:
             nonce, reply["token"] = passes.mint(issued.sitekey)
-            await store.add_pass(nonce, issued.sitekey)
+            reply["token_expires_in"] = settings.pass_ttl_seconds
+            await store.add_pass(nonce, PassRecord(issued.sitekey, issued.hostname, time.time()))
         return reply
 
     @app.post("/api/verify")
     async def verify(request: Request) -> JSONResponse:
-        """siteverify: is this pass token genuine, for this site, unexpired and unused? Spends it if so."""
+        """siteverify: is this pass token genuine, for this site, unexpired and unused? Spends it if so.
+
+        On success it says where (`hostname`) and when (`challenge_ts`) the challenge was passed, as
+        Turnstile's and reCAPTCHA's siteverify do."""
+        site, reply = await verified(request)
+        result = "success" if reply.get("success") else reply["error-codes"][0]
+        request.state.site = site.key if site else "unknown"
+        metrics.verify.labels(request.state.site, result).inc()
+        return JSONResponse(reply, status_code=reply.pop("status", 200))
+
+    async def verified(request: Request) -> tuple:
+        """(the site whose secret was given, or None; the siteverify reply, with "status" if not 200)."""
         try:
             body = await read_body(request, settings.max_verify_bytes)
             fields = parse_verify(body, request.headers.get("content-type", ""))
         except ApiError as exc:
-            return VerifyRefused(exc.status, ["bad-request"], exc.message).response()
+            return None, VerifyRefused(exc.status, ["bad-request"], exc.message).reply()
         except VerifyRefused as exc:
-            return exc.response()
+            return None, exc.reply()
         site = sites.by_secret(fields["secret"])
         if site is None:
-            return VerifyRefused(403, ["invalid-input-secret"], "unknown secret").response()
+            return None, VerifyRefused(403, ["invalid-input-secret"], "unknown secret").reply()
         nonce = passes.open(fields["response"], site.key)
         if nonce is None:  # forged, mangled, or minted for another site: nothing is spent
-            return JSONResponse({"success": False, "error-codes": ["invalid-input-response"]})
-        if await store.take_pass(nonce) != site.key:
-            return JSONResponse({"success": False, "error-codes": ["timeout-or-duplicate"]})
-        return JSONResponse({"success": True, "error-codes": []})
+            return site, {"success": False, "error-codes": ["invalid-input-response"]}
+        record = await store.take_pass(nonce)
+        if record is None or record.sitekey != site.key:
+            return site, {"success": False, "error-codes": ["timeout-or-duplicate"]}
+        return site, {"success": True, "error-codes": [], "challenge_ts": timestamp(record.solved_at),
+                      "hostname": record.hostname}
 
     return app
 
 
-def requested_site(request: Request, sites: Sites) -> str | None:
-    """The site key a challenge is requested for (`?sitekey=KEY`), None for none, else a 400."""
+def timestamp(seconds: float) -> str:
+    """ISO 8601 in UTC with milliseconds, as siteverify writes `challenge_ts`: 2026-12-07T11:17:03.123Z."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def metrics_allowed(request: Request, allow: Sequence[str]) -> bool:
+    """Whether this request may read /metrics: from an allowed address, and not forwarded by a proxy (a
+    proxied request is a visitor's, however the proxy is configured; Prometheus scrapes directly)."""
+    if not allow or "x-forwarded-for" in request.headers:
+        return False
+    try:
+        address = ipaddress.ip_address(request.state.ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(network) for network in allow)
+
+
+def same_origin_only(request: Request) -> None:
+    """A browser says where a request comes from (Fetch Metadata; page scripts cannot forge it): only the
+    service's own pages (its page, its widget frame) may ask for or answer challenges from a browser."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise ApiError(403, "challenges are asked for and answered from the service's own pages only", "cross_site")
+
+
+class TemplateRoute(Route):
+    """A plain Starlette route that names itself in the scope as FastAPI's routes do (metrics label by template)."""
+
+    def matches(self, scope):
+        match, child = super().matches(scope)
+        if match != Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+def requested_site(request: Request, sites: Sites) -> tuple[str | None, str]:
+    """(site key, hostname) of a challenge request: `?sitekey=KEY&origin=ORIGIN` from a site's widget, `?sitekey=KEY`
+    for a site without hostnames, or nothing (the service's own page); else a 400 or 403.
+
+    The hostname is where the challenge is solved: the embedding page's, or the service's own."""
     params = request.query_params
-    unknown = sorted(set(params) - {"sitekey"})
+    unknown = sorted(set(params) - {"sitekey", "origin"})
     if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0][:40]!r}; only sitekey is accepted")
-    keys = params.getlist("sitekey")
+        raise ApiError(400, f"unknown query parameter {unknown[0][:40]!r}; only sitekey and origin are accepted")
+    keys, origins = params.getlist("sitekey"), params.getlist("origin")
+    if len(keys) > 1 or len(origins) > 1:
+        raise ApiError(400, "give one sitekey and at most one origin")
     if not keys:
-        return None
-    if len(keys) > 1:
-        raise ApiError(400, "give one sitekey")
-    if not sites.known(keys[0]):
-        raise ApiError(400, "unknown site key")
-    return keys[0]
-
-
+        if origins:
+            raise ApiError(400, "an origin needs a sitekey")
+        return None, request.url.hostname or ""
+    site = sites.get(keys[0])
+    if site is None:
+        raise ApiError(400, "unknown site key", "unknown_sitekey")
+    if not site.hostnames and not origins:
+        return site.key, request.url.hostname or ""  # the service's own page, opened as /?sitekey=KEY
+    try:
+        _, hostname = check_page(site, origins[0] if origins else None)
+    except WidgetRefused as exc:
+        raise ApiError(403, exc.message, exc.kind) from None
+    return site.key, hostname

@@ -17,12 +17,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import secrets
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, Iterable, TypeVar
 
@@ -166,10 +167,15 @@ def read_secret_file(path: str | Path) -> bytes:
         secret = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ClientConfigError(f"cannot read the secret file {path}: {exc.strerror or exc}") from None
+    return check_secret(secret, f"the secret file {path}")
+
+
+def check_secret(secret: bytes, where: str) -> bytes:
+    """`secret` if it is long enough to be a key, else a one-line error saying how to make one."""
     if len(secret) < MIN_SECRET_BYTES:
         raise ClientConfigError(
-            f"the secret file {path} holds {len(secret)} bytes; it needs at least {MIN_SECRET_BYTES} random ones "
-            f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path})")
+            f"{where} holds {len(secret)} bytes; it needs at least {MIN_SECRET_BYTES} random ones "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return secret
 
 
@@ -181,8 +187,17 @@ def derive_key(secret: bytes, purpose: str) -> bytes:
 @dataclass(frozen=True)
 class Site:
     key: str  # public: the site's pages send it with each challenge request
-    secret: str  # private: the site's server sends it to /api/verify
+    secret: str = field(repr=False)  # private: the site's server sends it to /api/verify
     name: str = ""
+    # Where the site's pages may show the widget: bare hostnames ("shop.example"), IP literals, or
+    # "*.shop.example" (any subdomain, not the apex). None registered: the widget is refused for the site.
+    hostnames: tuple[str, ...] = ()
+
+    def allows(self, hostname: str) -> bool:
+        """Whether a page on `hostname` may ask for this site's challenges (case and a trailing dot ignored)."""
+        hostname = hostname.lower().rstrip(".")
+        return any(hostname == allowed or (allowed.startswith("*.") and hostname.endswith(allowed[1:]))
+                   for allowed in self.hostnames)
 
 
 class Sites:
@@ -195,6 +210,9 @@ class Sites:
     def known(self, key: str) -> bool:
         return key in self._by_key
 
+    def get(self, key: str) -> Site | None:
+        return self._by_key.get(key)
+
     def by_secret(self, secret: str) -> Site | None:
         """The site holding `secret`, comparing against every site in constant time."""
         found = None
@@ -203,41 +221,78 @@ class Sites:
                 found = site
         return found
 
+    def __iter__(self):
+        return iter(self._sites)
+
     def __len__(self) -> int:
         return len(self._sites)
 
 
 def load_sites(path: str | Path) -> Sites:
-    """Sites from a JSON file: {"sites": [{"key": "...", "secret": "...", "name": "optional"}, ...]}."""
+    """Sites from a JSON file: {"sites": [{"key": "...", "secret": "...", "name": "...", "hostnames": [...]}]}."""
     try:
-        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ClientConfigError(f"cannot read the sites file {path}: {exc.strerror or exc}") from None
+    return load_sites_text(text, f"the sites file {path}")
+
+
+def load_sites_text(text: str, where: str = "ASIRRA_SITES") -> Sites:
+    """Sites from their JSON text (a file's, or the ASIRRA_SITES variable's); `where` names it in errors."""
+    try:
+        payload = json.loads(text)
     except ValueError as exc:
-        raise ClientConfigError(f"the sites file {path} is not valid JSON: {exc}") from None
+        raise ClientConfigError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or set(payload) != {"sites"} or not isinstance(payload["sites"], list):
-        raise ClientConfigError(f'the sites file {path} must hold {{"sites": [{{"key": ..., "secret": ...}}, ...]}}')
-    sites = [_site(entry, path, i) for i, entry in enumerate(payload["sites"])]
-    for field in ("key", "secret"):
-        values = [getattr(site, field) for site in sites]
+        raise ClientConfigError(f'{where} must hold {{"sites": [{{"key": ..., "secret": ...}}, ...]}}')
+    sites = [_site(entry, f"site {i} in {where}") for i, entry in enumerate(payload["sites"])]
+    for name in ("key", "secret"):
+        values = [getattr(site, name) for site in sites]
         if len(set(values)) != len(values):
-            raise ClientConfigError(f"the sites file {path} gives two sites the same {field}")
+            raise ClientConfigError(f"{where} gives two sites the same {name}")
     return Sites(sites)
 
 
-def _site(entry: object, path, index: int) -> Site:
-    where = f"site {index} in {path}"
-    if not isinstance(entry, dict) or not {"key", "secret"} <= set(entry) <= {"key", "secret", "name"}:
-        raise ClientConfigError(f'{where} must be an object with "key", "secret" and optionally "name"')
-    if not all(isinstance(value, str) for value in entry.values()):
-        raise ClientConfigError(f"{where}: every value must be a string")
+SITE_FIELDS = {"key", "secret", "name", "hostnames"}
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+MAX_HOSTNAMES = 50
+
+
+def _site(entry: object, where: str) -> Site:
+    if not isinstance(entry, dict) or not {"key", "secret"} <= set(entry) <= SITE_FIELDS:
+        raise ClientConfigError(f'{where} must be an object with "key", "secret" and optionally "name", "hostnames"')
+    if not all(isinstance(entry[name], str) for name in ("key", "secret", "name") if name in entry):
+        raise ClientConfigError(f"{where}: key, secret and name must be strings")
     if not SITE_KEY.fullmatch(entry["key"]):
         raise ClientConfigError(f"{where}: the key must be 8-64 characters of A-Z a-z 0-9 _ -")
     if not MIN_SITE_SECRET <= len(entry["secret"]) <= MAX_SITE_SECRET or not entry["secret"].isprintable() \
             or any(c.isspace() for c in entry["secret"]):
         raise ClientConfigError(f"{where}: the secret must be {MIN_SITE_SECRET}-{MAX_SITE_SECRET} printable "
                                 "characters without spaces")
-    return Site(entry["key"], entry["secret"], entry.get("name", ""))
+    hostnames = entry.get("hostnames")
+    if hostnames is not None:
+        if not isinstance(hostnames, list) or not 1 <= len(hostnames) <= MAX_HOSTNAMES:
+            raise ClientConfigError(f"{where}: hostnames must be a list of 1-{MAX_HOSTNAMES} names "
+                                    "(leave it out to register none)")
+        hostnames = tuple(registered_hostname(name, where) for name in hostnames)
+    return Site(entry["key"], entry["secret"], entry.get("name", ""), hostnames or ())
+
+
+def registered_hostname(name: object, where: str) -> str:
+    """A hostname a site registers: "shop.example", "*.shop.example" or an IP literal, lower-cased."""
+    if not isinstance(name, str):
+        raise ClientConfigError(f"{where}: every hostname must be a string")
+    text = name.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        pass
+    labels = (text[2:] if text.startswith("*.") else text).split(".")
+    if not text or len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) \
+            or (text.startswith("*.") and len(labels) < 2):
+        raise ClientConfigError(f"{where}: hostname {name!r} must be a bare hostname like shop.example or "
+                                "*.shop.example (no scheme, port or path)")
+    return text
 
 
 class PassTokens:

@@ -30,33 +30,61 @@ class StudyError(ConfigError):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    seeds: tuple[int, ...] = (0, 1, 2)  # each draws its own scored set, attacker pool, labels and challenges
-    scored: int = 300  # photos per seed the service serves and every cell is scored on (half per class)
-    # The service's photos: every seed draws its scored set from these, and its attacker pool from the first
-    # `attacker_pool` of them (minus its scored ones). Only those photos are hardened, once per setting, not once
-    # per seed: PGD took 0.4-6 CPU-s a photo on this shared machine, and 3,300 photos did not fit the budget.
+    """The attacker's-bill study: what `asirra.captcha.study` and `asirra captcha study` run.
+
+    Hardening x verdict policy x attacker x identity, attacked live over HTTP, with what a thousand passes
+    cost. Checked when made (a `StudyError` names the first bad field); `quick_config()` is a few-minute
+    version of it."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Each draws its own scored set, attacker pool, labels and challenges."""
+    scored: int = 300
+    """Photos per seed the service serves and every cell is scored on (half per class)."""
+    # PGD took 0.4-6 CPU-s a photo on this shared machine, and 3,300 photos did not all fit the budget: only the
+    # scored sets and the attacker pools are hardened, once per setting, not once per seed.
     hardened: int = 3300
+    """The service's photos: every seed draws its scored set from these."""
     attacker_pool: int = 1300
-    surrogate_images: int = 500  # the defender's surrogate trains on these (never hardened, scored or bought)
+    """Each seed's attacker pool: the first this many service photos, less its scored ones."""
+    surrogate_images: int = 500
+    """The defender's surrogate trains on these (never hardened, scored or bought)."""
     surrogate_seed: int = 0
+    """Draws the surrogate's photos and the service's photos from the pool."""
     surrogate: str = "effnet-lite0"
+    """The defender's model the hardening is crafted against."""
     surrogate_epochs: int = 30
+    """Epochs the surrogate trains."""
     method: str = "pgd"
-    epsilons: tuple[int, ...] = (0, 4)  # in 0..255 units
-    steps: int | None = None  # harden's default for the method
+    """The hardening method (asirra.harden's)."""
+    epsilons: tuple[int, ...] = (0, 4)
+    """In 0..255 units; 0 serves the photos unhardened."""
+    steps: int | None = None
+    """Harden's default for the method."""
     eot: int = 2
-    bf16: bool = True  # the surrogate's passes in bfloat16 while hardening (harden.HardenConfig.bf16)
-    budgets: tuple[int, ...] = (300, 1000)  # labels bought; nested prefixes of each seed's attacker pool
+    """Random service transformations averaged per gradient."""
+    bf16: bool = True
+    """The surrogate's passes in bfloat16 while hardening (`HardenConfig.bf16`)."""
+    budgets: tuple[int, ...] = (300, 1000)
+    """Labels bought; nested prefixes of each seed's attacker pool."""
     attackers: tuple[str, ...] = ("shipped", "bought-labels", "bought-aug", "residual", "finetune", "ensemble",
                                   "self-trained", "lookup")
-    moves: tuple[str, ...] = ("none", "jpeg:50,median:5")  # counter-moves every classifier rung is scored with
+    """The ladder's rungs (`asirra captcha build-attacker` builds each)."""
+    moves: tuple[str, ...] = ("none", "jpeg:50,median:5")
+    """Counter-moves every classifier rung is scored with."""
     policies: tuple[str, ...] = ("none", RECOMMENDED)
-    live_challenges: int = 200  # per headline cell and seed
-    side_challenges: int = 100  # per side cell (seed 0 only: the runner-up rung, lookup)
-    practice_challenges: int = 200  # self-training (first seed only): challenges against the practice service
+    """Verdict policies served: "none", "recommended" (what `captcha defend` recommends) or a safeguard spec."""
+    live_challenges: int = 200
+    """Per headline cell and seed."""
+    side_challenges: int = 100
+    """Per side cell (seed 0 only: the runner-up rung, lookup)."""
+    practice_challenges: int = 200
+    """Self-training (first seed only): challenges against the practice service."""
     finetune_epochs: int = 6
-    exploratory: bool = False  # allow fewer seeds or challenges than a headline needs (never meets the goal)
+    """Epochs the top-block fine-tuning rung trains."""
+    exploratory: bool = False
+    """Allow fewer seeds or challenges than a headline needs (such a run never meets the goal)."""
     quick: bool = field(default=False, metadata={"key": False})
+    """The tests' few-minute version (set by `quick_config`)."""
 
     def __post_init__(self):
         from asirra.captcha.attack.counter import parse_preprocess
@@ -102,18 +130,31 @@ class StudyResult:
     """What a study found, as results.json keeps it (`from_json` reads it back for `asirra captcha bill`)."""
 
     out: Path
+    """The study's folder."""
     config: StudyConfig
-    cells: list  # offline scores: setting x seed x rung x move
-    live: list  # live cells
-    builds: list  # every rung built: labels, seconds
+    """The settings it ran with."""
+    cells: list
+    """Offline scores: setting x seed x rung x move, each with its 95% interval and SSIM."""
+    live: list
+    """Live cells: setting x seed x policy x identity x rung, passes, refusals, sustained rate, bytes, counters."""
+    builds: list
+    """Every rung built: labels bought, CPU-seconds."""
     people: list
+    """Simulated people under each policy, alone and behind one address with a bot."""
     lookup: dict
-    policies: dict  # setting -> {policy name: the safeguard spec it stood for}
+    """The lookup attack: matcher precision by table size, and its live cells."""
+    policies: dict
+    """Setting -> {policy name: the safeguard spec it stood for}."""
     goal: dict = field(default_factory=dict)
+    """The goal check, on the far ends of the 95% intervals: (a) one address, (b) the bill, people, SSIM."""
     bill: dict = field(default_factory=dict)
+    """Dollars per thousand passes for each pooled live cell, from the cited prices."""
     files: dict = field(default_factory=dict)
+    """The files written, by name: "report" (report.md), "json", the plots."""
     timings: dict = field(default_factory=dict)
+    """Seconds per stage."""
     cache_stats: dict = field(default_factory=dict)
+    """Cache hits and misses per kind."""
 
     @classmethod
     def from_json(cls, path: str | Path) -> "StudyResult":

@@ -78,7 +78,7 @@ def train_surrogate(cache: KeyedCache, photos: list[PoolPhoto], config: StudyCon
     """The defender's surrogate (an EfficientNet-Lite linear probe, or seed-cnn from scratch) -> (key, model folder)."""
     from asirra.config import Schedule, Strategy, TrainConfig
     from asirra.models import resolve_model_folder
-    from asirra.train import train
+    from asirra.training import train
 
     key = surrogate_key(photos, config)
     folder = cache.folder(key)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from asirra.captcha.experiments import bill as billing
-from asirra.captcha.experiments.study.plan import GOAL_PASS_RATE, ONE_ADDRESS, ROTATING, StudyResult
+from asirra.captcha.experiments.study.plan import GOAL_PASS_RATE, ONE_ADDRESS, StudyResult
 from asirra.fileio import write_json_atomic, write_text_atomic
 from asirra.runs import file_key
 from asirra.stats import wilson_interval
@@ -279,7 +279,6 @@ def lookup_section(result: StudyResult, prices: dict) -> list[str]:
                       "The pool's size only sets the one-off (N labels); it does not make the table stop paying."]
     for setting, data in sorted((k, v) for k, v in lookup.items() if k != "precision"):
         for r in data.get("live", []):
-            half = len(r.get("timeline", [])) // 2
             lines.append(f"- {setting}, {r['safeguard']}: a relay with an empty table against the fixed pool of "
                          f"{r['pool']} photos passed {r['passed']}/{r['answered']} ({pct(r['passed'] / r['answered'] if r['answered'] else None)}), "
                          f"buying {r['labels_bought']} labels ({r['labels_bought'] / max(1, r['attempted']):.1f} per "

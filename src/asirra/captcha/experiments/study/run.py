@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import asdict
@@ -20,7 +19,6 @@ from tqdm import tqdm
 from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.captcha.experiments.pool import PoolPhoto, _class_orders, _interleaved
 from asirra.captcha.experiments.rungs import (
-    AUG_MOVE,
     NEEDS,
     PROBES,
     RESIDUAL_MOVE,
@@ -33,7 +31,6 @@ from asirra.captcha.experiments.rungs import (
 )
 from asirra.captcha.experiments.rungs import practise as rungs_practise
 from asirra.captcha.experiments.study.plan import (
-    CLEAN,
     ONE_ADDRESS,
     RECOMMENDED,
     ROTATING,

@@ -49,12 +49,14 @@ class Closed(StoreError):
         self.reason = reason
 
 
-class Full(StoreError):
-    """Too many challenges outstanding across all clients."""
-
-
 class Unavailable(StoreError):
-    """The shared store cannot be reached (or disagrees with this worker); try again shortly."""
+    """The shared store cannot be reached (or disagrees with this worker); try again shortly.
+
+    `op` names the step that failed (a metric's label: which store operation is erroring)."""
+
+    def __init__(self, message: str = "", op: str = "store"):
+        super().__init__(message)
+        self.op = op
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,11 @@ class Limit:
 @dataclass(frozen=True)
 class StoreSettings:
     ttl_seconds: float
-    max_challenges: int  # outstanding, across all clients
+    # Outstanding across all clients, which bounds memory (~3 KB each). When full, a new challenge replaces
+    # the oldest one of its own client if it holds any, else the oldest of all; nobody is refused. So hoarders
+    # churn only their own, and pushing out a person's 30-s-old challenge takes ~max_challenges / 30
+    # challenges a second from addresses that hold none (benchmarks/README.md, floods).
+    max_challenges: int
     max_per_client: int  # outstanding per IP; a newer challenge replaces the oldest
     max_clients: int  # in-process tables forget the least recently seen beyond this
     pass_ttl_seconds: float
@@ -84,10 +90,20 @@ class Issued:
     image_tokens: tuple[str, ...]
     sitekey: str | None
     challenge: Challenge  # the pool images at `positions`, rebuilt by whichever worker reads it
+    hostname: str = ""  # where the challenge is shown: the embedding page's host, or the service's own
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What a live pass token stands for: the site, where it was solved, and when (wall-clock seconds)."""
+
+    sitekey: str
+    hostname: str
+    solved_at: float
 
 
 class Store(Protocol):
-    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None) -> Issued: ...
+    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None, hostname: str = "") -> Issued: ...
 
     async def image(self, token: str):
         """The pool image behind an image token of a live challenge, else Unknown."""
@@ -100,10 +116,10 @@ class Store(Protocol):
     async def spend(self, kind: str, key: str) -> float:
         """Take one token from `kind`'s bucket for `key`: 0.0 if allowed, else seconds to wait."""
 
-    async def add_pass(self, nonce: str, sitekey: str) -> None: ...
+    async def add_pass(self, nonce: str, record: PassRecord) -> None: ...
 
-    async def take_pass(self, nonce: str) -> str | None:
-        """The site key a live pass token was issued for, removing it; None if unknown, used or expired."""
+    async def take_pass(self, nonce: str) -> PassRecord | None:
+        """What a live pass token was issued for, removing it; None if unknown, used or expired."""
 
     async def outstanding(self) -> int: ...
 

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from asirra.captcha.safeguards import Safeguard, Verdict
 from asirra.captcha.service.clients import RateLimiter, SafeguardStates
-from asirra.captcha.service.store.base import Closed, Full, Issued, StoreSettings, Unknown, challenge_at
+from asirra.captcha.service.store.base import Closed, Issued, PassRecord, StoreSettings, Unknown, challenge_at
 
 
 class MemoryStore:
@@ -27,24 +27,24 @@ class MemoryStore:
         self._images: dict[str, tuple[str, int]] = {}
         self._by_ip: dict[str, OrderedDict[str, None]] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()
-        self._passes: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._passes: OrderedDict[str, tuple[PassRecord, float]] = OrderedDict()
         self._states = SafeguardStates(safeguard, settings.max_clients)
         self._limits = {kind: RateLimiter(limit.rate, limit.burst, clock, settings.max_clients)
                         for kind, limit in settings.limits.items()}
 
-    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None) -> Issued:
+    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None, hostname: str = "") -> Issued:
         with self._lock:
             now = self._clock()
             self._expire(now)
-            if len(self._live) >= self._settings.max_challenges:
-                raise Full()
-            mine = self._by_ip.setdefault(ip, OrderedDict())
-            while len(mine) >= self._settings.max_per_client:
-                self._close(next(iter(mine)), "replaced")
+            while len(self._by_ip.get(ip, ())) >= self._settings.max_per_client:
+                self._close(next(iter(self._by_ip[ip])), "replaced")
+            if len(self._live) >= self._settings.max_challenges:  # full: StoreSettings.max_challenges
+                self._close(next(iter(self._by_ip[ip] if ip in self._by_ip else self._live)), "replaced")
+            mine = self._by_ip.setdefault(ip, OrderedDict())  # after the closes, which drop an emptied entry
             positions = tuple(int(p) for p in positions)
             tokens = tuple(secrets.token_urlsafe(16) for _ in positions)
             issued = Issued(secrets.token_urlsafe(16), positions, ip, now + self._settings.ttl_seconds, tokens,
-                            sitekey, challenge_at(self._pool, positions))
+                            sitekey, challenge_at(self._pool, positions), hostname)
             self._live[issued.id] = issued
             self._images.update((token, (issued.id, i)) for i, token in enumerate(tokens))
             mine[issued.id] = None
@@ -75,15 +75,15 @@ class MemoryStore:
     async def spend(self, kind: str, key: str) -> float:
         return self._limits[kind].take(key)
 
-    async def add_pass(self, nonce: str, sitekey: str) -> None:
+    async def add_pass(self, nonce: str, record: PassRecord) -> None:
         with self._lock:
             now = self._clock()
             self._expire_passes(now)
-            self._passes[nonce] = (sitekey, now + self._settings.pass_ttl_seconds)
+            self._passes[nonce] = (record, now + self._settings.pass_ttl_seconds)
             while len(self._passes) > self._settings.max_challenges:
                 self._passes.popitem(last=False)
 
-    async def take_pass(self, nonce: str) -> str | None:
+    async def take_pass(self, nonce: str) -> PassRecord | None:
         with self._lock:
             self._expire_passes(self._clock())
             entry = self._passes.pop(nonce, None)

@@ -19,8 +19,8 @@ from asirra.captcha.service.clients import worst
 from asirra.captcha.service.store.base import (
     KEY_PREFIX,
     Closed,
-    Full,
     Issued,
+    PassRecord,
     StoreSettings,
     Unavailable,
     Unknown,
@@ -58,17 +58,17 @@ local function close(prefix, id, ip, reason, tomb_ms)
 end
 """
 
-# ARGV: prefix, now, id, ip, ttl (s), ttl_ms, max_challenges, max_per_client, tomb_ms, positions (JSON), sitekey, tokens...
+# ARGV: prefix, now, id, ip, ttl (s), ttl_ms, max_challenges, max_per_client, tomb_ms, positions (JSON), sitekey,
+# hostname, tokens...
 _ISSUE = _LUA_COMMON + """
 local prefix, now, id, ip = ARGV[1], clock(ARGV[2]), ARGV[3], ARGV[4]
 local ttl, ttl_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_all, max_mine, tomb_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local positions, sitekey = cjson.decode(ARGV[10]), ARGV[11]
+local positions, sitekey, hostname = cjson.decode(ARGV[10]), ARGV[11], ARGV[12]
 local tokens = {}
-for i = 12, #ARGV do tokens[#tokens + 1] = ARGV[i] end
+for i = 13, #ARGV do tokens[#tokens + 1] = ARGV[i] end
 local live, mine = prefix .. 'live', prefix .. 'ip:' .. ip
 redis.call('ZREMRANGEBYSCORE', live, '-inf', now)
-if redis.call('ZCARD', live) >= max_all then return {'full'} end
 -- A client's challenges, oldest first (one TTL for all: also the order they expire in).
 while redis.call('LLEN', mine) > 0 do
   local head = redis.call('GET', prefix .. 'chal:' .. redis.call('LINDEX', mine, 0))
@@ -78,8 +78,18 @@ end
 while redis.call('LLEN', mine) >= max_mine do
   close(prefix, redis.call('LINDEX', mine, 0), ip, 'replaced', tomb_ms)
 end
+-- Full (StoreSettings.max_challenges): a client holding challenges replaces its own oldest, one holding none the
+-- oldest of all; nobody is refused and the table never grows.
+if redis.call('ZCARD', live) >= max_all then
+  if redis.call('LLEN', mine) > 0 then
+    close(prefix, redis.call('LINDEX', mine, 0), ip, 'replaced', tomb_ms)
+  else
+    close(prefix, redis.call('ZRANGE', live, 0, 0)[1], nil, 'replaced', tomb_ms)
+  end
+end
 local expires_at = now + ttl
-local record = cjson.encode({ip = ip, positions = positions, tokens = tokens, expires_at = expires_at, sitekey = sitekey})
+local record = cjson.encode({ip = ip, positions = positions, tokens = tokens, expires_at = expires_at, sitekey = sitekey,
+                             hostname = hostname})
 redis.call('SET', prefix .. 'chal:' .. id, record, 'PX', ttl_ms)
 for i, token in ipairs(tokens) do
   redis.call('SET', prefix .. 'img:' .. token, id .. ' ' .. positions[i] .. ' ' .. expires_at, 'PX', ttl_ms)
@@ -138,19 +148,21 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
-# KEYS: pass; ARGV: now, sitekey, ttl (s), ttl_ms
+# KEYS: pass; ARGV: now, sitekey, ttl (s), ttl_ms, solved_at, hostname. The value is
+# "sitekey expires_at solved_at hostname"; a value written before hostnames existed has the first two only.
 _ADD_PASS = _LUA_COMMON + """
-redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. (clock(ARGV[1]) + tonumber(ARGV[3])), 'PX', ARGV[4])
+local value = ARGV[2] .. ' ' .. (clock(ARGV[1]) + tonumber(ARGV[3])) .. ' ' .. ARGV[5] .. ' ' .. ARGV[6]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[4])
 return 1
 """
 
-# KEYS: pass; ARGV: now -> the site key, or false. GETDEL: exactly one caller ever sees it.
+# KEYS: pass; ARGV: now -> the stored value, or false. GETDEL: exactly one caller ever sees it.
 _TAKE_PASS = _LUA_COMMON + """
 local value = redis.call('GETDEL', KEYS[1])
 if not value then return false end
-local sitekey, expires_at = string.match(value, '^(%S+) (%S+)$')
+local sitekey, expires_at = string.match(value, '^(%S+) (%S+)')
 if tonumber(expires_at) <= clock(ARGV[1]) then return false end
-return sitekey
+return value
 """
 
 # KEYS: pool; ARGV: fingerprint -> the fingerprint recorded (this one if none was)
@@ -245,7 +257,7 @@ class RedisStore:
                 self._pool_checked = True
             return await self._scripts[script](keys=list(keys), args=list(args), client=client)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise Unavailable(f"Redis is unreachable: {exc}") from None
+            raise Unavailable(f"Redis is unreachable: {exc}", op=script) from None
 
     def _now(self) -> str:
         return "" if self._clock is None else repr(float(self._clock()))
@@ -254,9 +266,9 @@ class RedisStore:
         record = json.loads(raw)
         positions = tuple(int(p) for p in record["positions"])
         return Issued(challenge_id, positions, record["ip"], float(record["expires_at"]), tuple(record["tokens"]),
-                      record["sitekey"] or None, challenge_at(self._pool, positions))
+                      record["sitekey"] or None, challenge_at(self._pool, positions), record.get("hostname", ""))
 
-    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None) -> Issued:
+    async def issue(self, ip: str, positions: Sequence[int], sitekey: str | None, hostname: str = "") -> Issued:
         challenge_id = secrets.token_urlsafe(16)
         positions = [int(p) for p in positions]
         tokens = [secrets.token_urlsafe(16) for _ in positions]
@@ -264,9 +276,7 @@ class RedisStore:
         reply = await self._run("issue", args=[
             self._prefix, self._now(), challenge_id, ip, repr(ttl), math.ceil(ttl * 1000),
             self._settings.max_challenges, self._settings.max_per_client, int(TOMBSTONE_SECONDS * 1000),
-            json.dumps(positions), sitekey or "", *tokens])
-        if reply[0] == "full":
-            raise Full()
+            json.dumps(positions), sitekey or "", hostname, *tokens])
         return self._issued(challenge_id, reply[1])
 
     async def image(self, token: str):
@@ -298,12 +308,12 @@ class RedisStore:
             try:
                 raw = await self._redis().get(key)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise Unavailable(f"Redis is unreachable: {exc}") from None
+                raise Unavailable(f"Redis is unreachable: {exc}", op="judge") from None
             state = state_from_json(self._safeguard, raw)
             verdict = self._safeguard.judge(state, mistakes)
             if await self._run("cas", keys=[key], args=[raw or "", state_to_json(state), STATE_SECONDS]):
                 return verdict
-        raise Unavailable("too much contention on one client's history")
+        raise Unavailable("too much contention on one client's history", op="judge")
 
     async def spend(self, kind: str, key: str) -> float:
         limit = self._settings.limits[kind]
@@ -311,13 +321,20 @@ class RedisStore:
                                args=[self._now(), repr(float(limit.rate)), limit.burst])
         return float(wait)
 
-    async def add_pass(self, nonce: str, sitekey: str) -> None:
+    async def add_pass(self, nonce: str, record: PassRecord) -> None:
         ttl = self._settings.pass_ttl_seconds
         await self._run("add_pass", keys=[f"{self._prefix}pass:{nonce}"],
-                        args=[self._now(), sitekey, repr(ttl), math.ceil(ttl * 1000)])
+                        args=[self._now(), record.sitekey, repr(ttl), math.ceil(ttl * 1000), repr(record.solved_at),
+                              record.hostname])
 
-    async def take_pass(self, nonce: str) -> str | None:
-        return await self._run("take_pass", keys=[f"{self._prefix}pass:{nonce}"], args=[self._now()])
+    async def take_pass(self, nonce: str) -> PassRecord | None:
+        value = await self._run("take_pass", keys=[f"{self._prefix}pass:{nonce}"], args=[self._now()])
+        if value is None:
+            return None
+        sitekey, expires_at, *rest = value.split(" ", 3)
+        if not rest:  # written before passes carried where and when they were solved
+            return PassRecord(sitekey, "", float(expires_at) - self._settings.pass_ttl_seconds)
+        return PassRecord(sitekey, rest[1] if len(rest) > 1 else "", float(rest[0]))
 
     async def outstanding(self) -> int:
         return int(await self._run("outstanding", keys=[self._prefix + "live"], args=[self._now()]))

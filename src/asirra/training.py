@@ -460,7 +460,7 @@ def validation_metrics(labels: np.ndarray, logits: np.ndarray, temperature: floa
     loss, AUC, ...) for a binary model; for N classes asirra.metrics.multiclass_metrics (accuracy,
     top-k, macro-F1, log loss, per-class, confusion), with auc None."""
     if is_binary(classes):
-        from asirra.evaluate import classification_metrics
+        from asirra.evaluation import classification_metrics
 
         return classification_metrics(labels, apply_temperature(logits, temperature), classes=classes)
     from asirra.metrics import multiclass_metrics

@@ -221,10 +221,18 @@ def plot_overlay(picture: np.ndarray, cam: np.ndarray, title: str, out: Path,
 
 @dataclass
 class ExplainReport:
+    """What `asirra.explain` drew: one record per image, the files written, and what Grad-CAM cost."""
+
     images: list[dict]
-    skipped: list[dict]  # {"path", "reason"}
+    """One record per explained image: name, source, file (its overlay PNG), predicted class and its
+    probability, the explained class, the map's peak as fractions of the picture's width and height,
+    and label / correct when the image is labelled."""
+    skipped: list[dict]
+    """Images that could not be read: {"path", "reason"}."""
     files: dict[str, Path] = field(default_factory=dict)
-    seconds_per_image: float | None = None  # Grad-CAM's forward + backward per image, drawing excluded
+    """The files written: "grid" (the first 24 overlays) and "json" (explain.json)."""
+    seconds_per_image: float | None = None
+    """Grad-CAM's forward + backward per image, drawing excluded."""
 
 
 def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: int = 0,
@@ -234,9 +242,8 @@ def collect_refs(paths: Sequence[str | Path], limit: int | None = None, seed: in
     With the model's `classes`, a labelled folder's labels are mapped to them by name (a class the
     model does not know leaves its images unlabelled: they are still explained, just not marked).
     """
-    from asirra.data import ImageRef, class_names, scan
+    from asirra.data import ImageRef, align_labels, class_names, scan
     from asirra.errors import DataError
-    from asirra.predict import align_labels
 
     refs = []
     for path in map(Path, paths):

@@ -249,20 +249,22 @@ class Evaluation:
     predictions: object  # asirra.predict.Predictions: the scored refs, P(dog), logits and the unusable files
     files: dict[str, Path]
 
-    def summary_lines(self) -> list[str]:
-        """The evaluation in a few lines of text: the headline figures, then the files written."""
-        r = self.report.to_json()
-        if "top_k_accuracy" in r:  # N classes
-            top = "  ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in r["top_k_accuracy"].items())
-            lines = [f"{r['n']} images, {len(r['classes'])} classes  {top}  macro-F1 {r['macro_f1']:.4f}  "
-                     f"log loss {r['log_loss']:.4f}  ECE {r['ece']:.4f}"]
-        else:
-            auc = "n/a (one class)" if r["auc"] is None else f"{r['auc']:.4f}"
-            lines = [f"{r['n']} images  accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  AUC {auc}"]
-            if r.get("challenge_solve_rate") is not None:
-                lines.append(f"12-image challenges solved: {r['challenge_solve_rate']:.4f} "
-                             f"(95% CI {r['ci_low']:.4f}-{r['ci_high']:.4f}; p^12 = {r['p12']:.4f})")
-        return lines + [f"{name}: {file}" for name, file in self.files.items()]
+
+def summary_lines(metrics: dict, files: dict[str, Path]) -> list[str]:
+    """An evaluation in a few lines of text (what `asirra evaluate` prints): the headline figures of its
+    flat metrics (`EvaluationReport.to_json()`), then the files written."""
+    r = metrics
+    if "top_k_accuracy" in r:  # N classes
+        top = "  ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in r["top_k_accuracy"].items())
+        lines = [f"{r['n']} images, {len(r['classes'])} classes  {top}  macro-F1 {r['macro_f1']:.4f}  "
+                 f"log loss {r['log_loss']:.4f}  ECE {r['ece']:.4f}"]
+    else:
+        auc = "n/a (one class)" if r["auc"] is None else f"{r['auc']:.4f}"
+        lines = [f"{r['n']} images  accuracy {r['accuracy']:.4f}  log loss {r['log_loss']:.4f}  AUC {auc}"]
+        if r.get("challenge_solve_rate") is not None:
+            lines.append(f"12-image challenges solved: {r['challenge_solve_rate']:.4f} "
+                         f"(95% CI {r['ci_low']:.4f}-{r['ci_high']:.4f}; p^12 = {r['p12']:.4f})")
+    return lines + [f"{name}: {file}" for name, file in files.items()]
 
 
 def evaluate_data(classifier, data: str | Path | None, out_dir: Path, *, split: str | Path | None = None,
@@ -271,8 +273,7 @@ def evaluate_data(classifier, data: str | Path | None, out_dir: Path, *, split: 
     """`evaluate_model` on the labelled images under `data` (the --data lookup when None): a run's
     validation images with `split` (its folder), then a stratified `limit` of them; labels follow the
     model's class order by name."""
-    from asirra.data import class_names, labelled_split_dirs, resolve_data_root, scan
-    from asirra.predict import align_labels
+    from asirra.data import align_labels, class_names, labelled_split_dirs, resolve_data_root, scan
     from asirra.splits import evaluation_sample
 
     root = resolve_data_root(data)
@@ -298,12 +299,13 @@ def evaluate_model(classifier, refs: Sequence, out_dir: Path, n_challenges: int 
     preds = predict_refs(classifier, refs, progress=progress)
     if not preds.refs:
         raise InvalidPredictions("no readable images to evaluate")
-    context = {"model": classifier.name, "backend": classifier.backend, "unusable": len(preds.unusable), **(info or {})}
+    context = {"model": classifier.name, "backend": classifier.backend, "engine": classifier.engine,
+               "unusable": len(preds.unusable), **(info or {})}
 
     def pictures(idx: list[int]) -> list[np.ndarray]:
         if not explain:
             return [read_pixels(preds.refs[i].read_bytes(), 160) for i in idx]
-        from asirra.explain import gradcam_overlays
+        from asirra.gradcam import gradcam_overlays
 
         # The torch module explains the call the scoring backend made: that call is the target.
         return gradcam_overlays(classifier.model, classifier.image_size, [preds.refs[i].read_bytes() for i in idx],

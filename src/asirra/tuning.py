@@ -312,7 +312,7 @@ class Objective:
             self._report(trial, row, last=int(row["epoch"]) >= config.epochs)
 
         try:
-            from asirra.train import train_on
+            from asirra.training import train_on
 
             for row in _logged_epochs(run) if resume else []:
                 self._report(trial, row, last=True)  # a resumed trial's earlier epochs, for the pruner
@@ -351,7 +351,7 @@ class Objective:
         from asirra.fileio import write_json_atomic
         from asirra.models import input_size
         from asirra.splits import load_split, save_split, stratified_split
-        from asirra.train import dataset_classes, load_pixels, prepare_run
+        from asirra.training import dataset_classes, load_pixels, prepare_run
 
         resume = (run / "checkpoint.pt").exists() and (run / "split.json").exists()
         if resume:
@@ -506,9 +506,8 @@ def write_plots(study, out: Path, n_complete: int) -> dict:
     """Optuna's matplotlib plots; what cannot be drawn yet is named with the reason instead."""
     import warnings
 
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # No backend is chosen here: that would switch a notebook's inline plots off for the rest of its session.
+    # Optuna draws with pyplot; each figure is closed once saved, so none is shown or kept.
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
@@ -546,7 +545,7 @@ def evaluate_heldout(config: TrainConfig, best_run: Path, out: Path, n: int) -> 
 
     from asirra.cache import content_key
     from asirra.data import scan
-    from asirra.evaluate import evaluate_model
+    from asirra.evaluation import evaluate_model
     from asirra.predict import load_classifier
     from asirra.stats import stratified_subset
 
