@@ -94,8 +94,7 @@ def time_solves(classifiers: dict, challenges: list) -> list[dict]:
 
 
 def accuracy(classifier, data: Path, limit: int | None, out: Path) -> dict:
-    from asirra.evaluate import evaluate_data
-
+    from asirra.evaluation import evaluate_data
     from asirra.models import default_model_path
     from asirra.stats import wilson_interval
 
