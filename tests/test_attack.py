@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import asirra.api
+import asirra.predict
 from asirra.captcha.attack.bot import DEFAULT_MAX_WAIT, AttackError, attack
 from asirra.captcha.attack.counter import parse_preprocess
 from asirra.captcha.safeguards import make_safeguard
@@ -235,7 +236,8 @@ def fake_loader(monkeypatch):
         asked.update(model=model, backend=backend)
         return ColourClassifier()
 
-    monkeypatch.setattr(asirra.api, "load_classifier", load_classifier)  # where `asirra attack` loads its model
+    # Where `asirra attack` loads a model folder (through the ladder's solver loader).
+    monkeypatch.setattr(asirra.predict, "load_classifier", load_classifier)
     return asked
 
 

@@ -122,6 +122,7 @@ class StudyConfig:
 
     @property
     def headline(self) -> bool:
+        """Whether this run's cells can meet the goal (not exploratory: enough seeds and challenges)."""
         return not self.exploratory
 
 
@@ -158,6 +159,14 @@ class StudyResult:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "StudyResult":
+        """The result a study wrote, read back.
+
+        Args:
+            path: The study's results.json.
+
+        Returns:
+            The `StudyResult` it holds (files and the bill are recomputed by `asirra captcha bill`).
+        """
         import json
 
         data = json.loads(Path(path).read_text())
