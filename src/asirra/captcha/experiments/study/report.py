@@ -325,10 +325,7 @@ def cells_section(result: StudyResult) -> list[str]:
 
 
 def write_plots(result: StudyResult, prices: dict) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # needs no backend: nothing is shown, only saved
 
     from asirra.plots import save_figure
 
