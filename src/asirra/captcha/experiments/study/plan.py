@@ -156,6 +156,8 @@ class StudyResult:
     """Seconds per stage."""
     cache_stats: dict = field(default_factory=dict)
     """Cache hits and misses per kind."""
+    machine: dict = field(default_factory=dict)
+    """The CPU it ran on (`asirra.cpu.describe_cpu`): the attackers' CPU-seconds price the bill."""
 
     @classmethod
     def from_json(cls, path: str | Path) -> "StudyResult":
@@ -173,7 +175,7 @@ class StudyResult:
         config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
         return cls(Path(path).parent, config, data["cells"], data["live"], data["builds"], data["people"],
                    data["lookup"], data["policies"], timings=data.get("timings", {}),
-                   cache_stats=data.get("cache_stats", {}))
+                   cache_stats=data.get("cache_stats", {}), machine=data.get("machine", {}))
 
 
 def quick_config(**overrides) -> StudyConfig:

@@ -62,10 +62,19 @@ def results_json(result: StudyResult, prices_file=None) -> dict:
     return {"config": asdict(result.config), "cells": result.cells, "live": result.live, "builds": result.builds,
             "people": result.people, "lookup": result.lookup, "policies": result.policies, "bill": result.bill,
             "goal": result.goal, "prices_key": file_key(prices_file or billing.PRICES_FILE),
-            "timings": result.timings, "cache_stats": result.cache_stats}
+            "timings": result.timings, "cache_stats": result.cache_stats, "machine": result.machine}
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
+
+
+def machine_line(machine: dict) -> str:
+    """The CPU the attacker's CPU-seconds (and so the bill) were measured on."""
+    if not machine:
+        return "Machine: not recorded (a study written before the CPU was recorded)."
+    flags = ", ".join(machine["flags"]) if machine.get("flags") is not None else "flags unknown"
+    return (f"Machine: CPU {machine['model']} ({machine['cores']} cores; {flags}); int8 kernels "
+            f"{machine['int8_kernels']['path']}.")
 
 
 def report_markdown(result: StudyResult, prices: dict) -> str:
@@ -75,11 +84,13 @@ def report_markdown(result: StudyResult, prices: dict) -> str:
         lines += ["**Exploratory run** (fewer seeds or challenges than a headline needs): every row is scouting and "
                   "no setting can meet the goal.", ""]
     lines += [f"Pool: photos the shipped model never trained on (its validation split), checked by content on every "
-              f"run. Seeds {', '.join(map(str, config.seeds))}: each draws its own {config.scored} scored photos and "
-              f"its attacker pool from the {config.hardened} photos hardened by {config.method} against the defender's "
+              f"run. Seeds {', '.join(map(str, config.seeds))}: each draws its own {config.scored} scored photos from "
+              f"the service's {config.hardened} photos and its attacker pool from the first {config.attacker_pool} of "
+              f"them; the photos served or bought are hardened by {config.method} against the defender's "
               f"{config.surrogate} surrogate ({config.surrogate_images} other photos, surrogate seed "
               f"{config.surrogate_seed}); label budgets {', '.join(map(str, config.budgets))} are nested prefixes of the "
-              "attacker pool; no scored photo is ever bought, hardened for training, or practised on.", ""]
+              "attacker pool; no scored photo is ever bought, hardened for training, or practised on.", "",
+              machine_line(result.machine), ""]
     lines += goal_section(result)
     lines += budget_section(result, prices)
     lines += stacked_section(result, prices)

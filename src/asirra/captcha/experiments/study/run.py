@@ -398,8 +398,11 @@ def run_study(data, out, config: StudyConfig, split_file=None, prices_file=None,
         sizes = [n for n in (30, 100, 300, 1000, 3000) if n + queries <= len(study.photos)]
         lookup["precision"] = billing.matcher_precision(study.photos, config.seeds[0], progress, sizes, queries)
     study.lap("people_and_lookup")
+    from asirra.cpu import describe_cpu
+
+    # The attacker's CPU-seconds per challenge price the bill: the CPU they were measured on goes beside them.
     result = StudyResult(out, config, cells, live, builds, people, lookup, policies, timings=study.timings,
-                         cache_stats=study.cache.stats)
+                         cache_stats=study.cache.stats, machine=describe_cpu())
     prices = billing.load_prices(prices_file)
     result.bill = billing.bill(result, prices)
     result.goal = billing.goal_check(result, prices)
