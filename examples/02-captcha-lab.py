@@ -16,9 +16,9 @@
 #
 # Asirra (Microsoft Research, 2007) showed 12 pet photos and asked for every cat, claiming a machine
 # would pass about once in 54,000 tries. This notebook runs such a service on this machine and looks
-# at it from both sides with asirra's public API. The default size took 352 s on two CPU cores shared
-# with other jobs (load average about 9, 2026-12-07); `ASIRRA_QUICK=1` runs it at the test suite's
-# size (67 s at load 3.5).
+# at it from both sides with asirra's public API. `ASIRRA_QUICK=1` runs it at the test suite's size
+# (124 s on two quiet CPU cores, 2026-12-07); the default size serves and attacks more photos (352 s at
+# load ~9 with the earlier hardening study; not re-timed with the attacker's bill).
 
 # %%
 import os
