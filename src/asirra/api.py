@@ -74,8 +74,10 @@ def load_model(model: PathLike | None = None, *, backend: str = DEFAULT_BACKEND,
     return load_classifier(None if model is None else os.fspath(model), backend=backend, tta=tta)
 
 
-def _classifier(model: Classifier | PathLike | None, backend: str = DEFAULT_BACKEND) -> Classifier:
-    return model if isinstance(model, Classifier) else load_model(model, backend=backend)
+def _classifier(model: Classifier | PathLike | None, **options: Any) -> Classifier:
+    """`model` as given when it is already loaded, else loaded from its folder (None: the shipped model)."""
+    return model if isinstance(model, Classifier) else load_classifier(
+        None if model is None else os.fspath(model), **options)
 
 
 @functools.lru_cache(maxsize=4)
@@ -503,8 +505,7 @@ def evaluate(model: Classifier | TrainResult | PathLike | None = None, data: Pat
     """
     from asirra.evaluation import evaluate_data
 
-    classifier = model if isinstance(model, Classifier) else load_classifier(
-        None if model is None else os.fspath(model), backend=backend, tta=tta)
+    classifier = _classifier(model, backend=backend, tta=tta)
     evaluation = evaluate_data(classifier, None if data is None else os.fspath(data), Path(out),
                                split=None if split is None else os.fspath(split), limit=limit, seed=seed,
                                n_challenges=challenges, explain=explain)
@@ -542,8 +543,7 @@ def explain(images: PathLike | Sequence[PathLike], /, *, model: Classifier | Pat
     """
     from asirra.gradcam import collect_refs, explain_refs
 
-    classifier = model if isinstance(model, Classifier) else load_classifier(
-        None if model is None else os.fspath(model), backend="torch")  # Grad-CAM needs the module's gradients
+    classifier = _classifier(model, backend="torch")  # Grad-CAM needs the module's gradients
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     refs = collect_refs([Path(p) for p in paths], limit=limit, seed=seed, classes=classifier.classes)
     return explain_refs(classifier.model, classifier.config, refs, Path(out), tta=classifier.tta, target_class=target)

@@ -10,6 +10,7 @@ from pathlib import Path
 from asirra.captcha.challenge import CHALLENGE_SIZE
 from asirra.captcha.experiments.ladder import RUNGS, SHIPPED
 from asirra.errors import ConfigError
+from asirra.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,18 @@ class StudyResult:
         return cls(Path(path).parent, config, data["cells"], data["live"], data["builds"], data["people"],
                    data["lookup"], data["policies"], timings=data.get("timings", {}),
                    cache_stats=data.get("cache_stats", {}), machine=data.get("machine", {}))
+
+
+def pooled(cells: list, setting: str, attacker: str, move: str) -> dict | None:
+    """One (setting, attacker, move) pooled over the seeds that scored it: counts, accuracy with its Wilson 95%
+    interval, p^12, and each seed's accuracy beside them (their spread); None when no seed scored it."""
+    rows = [c for c in cells if c["setting"] == setting and c["attacker"] == attacker and c["move"] == move]
+    if not rows:
+        return None
+    k, n = sum(c["correct"] for c in rows), sum(c["n"] for c in rows)
+    low, high = wilson_interval(k, n)
+    return {"correct": k, "n": n, "accuracy": k / n, "low": low, "high": high, "p12": (k / n) ** CHALLENGE_SIZE,
+            "per_seed": [c["accuracy"] for c in rows], "p12_per_seed": [c["p12"] for c in rows], "seeds": len(rows)}
 
 
 def quick_config(**overrides) -> StudyConfig:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from asirra.captcha.experiments import bill as billing
-from asirra.captcha.experiments.study.plan import GOAL_PASS_RATE, ONE_ADDRESS, StudyResult
+from asirra.captcha.experiments.study.plan import GOAL_PASS_RATE, ONE_ADDRESS, StudyResult, pooled
 from asirra.fileio import write_json_atomic, write_text_atomic
 from asirra.runs import file_key
-from asirra.stats import wilson_interval
 
 COMMAND = ("asirra captcha pool --data ../shared/datasets/dogs-vs-cats/train --out runs/study-pool\n"
            "nice -n 10 asirra captcha study --data runs/study-pool --out runs/bill")
@@ -137,19 +136,9 @@ def goal_section(result: StudyResult) -> list[str]:
     return lines + [""]
 
 
-def pooled_score(result: StudyResult, setting: str, attacker: str, move: str) -> dict | None:
-    rows = [c for c in result.cells if c["setting"] == setting and c["attacker"] == attacker and c["move"] == move]
-    if not rows:
-        return None
-    k, n = sum(c["correct"] for c in rows), sum(c["n"] for c in rows)
-    low, high = wilson_interval(k, n)
-    return {"correct": k, "n": n, "accuracy": k / n, "low": low, "high": high, "p12": (k / n) ** 12,
-            "per_seed": [c["accuracy"] for c in rows], "p12_per_seed": [c["p12"] for c in rows], "seeds": len(rows)}
-
-
 def best_move(result: StudyResult, setting: str, attacker: str) -> tuple[str, dict] | None:
     moves = sorted({c["move"] for c in result.cells if c["setting"] == setting and c["attacker"] == attacker})
-    scored = [(m, pooled_score(result, setting, attacker, m)) for m in moves]
+    scored = [(m, pooled(result.cells, setting, attacker, m)) for m in moves]
     return max(scored, key=lambda pair: pair[1]["accuracy"]) if scored else None
 
 

@@ -39,6 +39,7 @@ from asirra.captcha.experiments.study.plan import (
     StudyConfig,
     StudyError,
     StudyResult,
+    pooled,
     setting_name,
 )
 from asirra.captcha.experiments.study.prepare import (
@@ -479,12 +480,6 @@ def ssim_summary(records, scored) -> dict:
     psnrs = [records[p.key]["psnr"] for p in scored if records[p.key]["psnr"] is not None]
     return {"ssim_median": float(np.median(ssims)), "ssim_p10": float(np.percentile(ssims, 10)),
             "psnr_median": float(np.median(psnrs)) if psnrs else None}
-
-
-def pooled(cells: list, setting: str, attacker: str, move: str) -> dict:
-    rows = [c for c in cells if c["setting"] == setting and c["attacker"] == attacker and c["move"] == move]
-    flags = [f for c in rows for f in c["flags"]]
-    return {**score_summary(flags), "seeds": len(rows), "per_seed": [c["accuracy"] for c in rows]}
 
 
 def choose(cells: list, setting: str, config: StudyConfig) -> tuple[tuple[str, str], tuple[str, str] | None]:
